@@ -1,0 +1,37 @@
+# `make run` starts the app offline with a demo; `make test` runs the whole test suite.
+# Both create or update the same .venv and are quick the second time (stamp files).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+# llama-cpp-python is built from source: portable flags, both cores; pip caches the wheel.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(RUN_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(TEST_STAMP): requirements.txt requirements-test.txt | $(PY)
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $(RUN_STAMP) $@
+
+run: $(RUN_STAMP)
+	$(PY) app.py
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest
+
+bench: $(TEST_STAMP)
+	$(PY) bench/merge.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs demo_models
