@@ -1,0 +1,417 @@
+"""Plan the output tensors of a merge, then compute them one by one on a device and stream them out.
+
+The plan is built from config and header metadata only: every output tensor's name, shape, dtype,
+inputs and parameter scopes are known before a byte of weights is read. Running it reads each input
+tensor once (prefetching the next while the current one merges) and hands each result to the sinks
+(the safetensors writer, optionally a GGUF writer) as soon as it is computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from . import architecture as arch
+from .errors import CancelledError, ModelError, RecipeError
+from .methods import MergeInputs, Method, get_method
+from .recipe import InputModel, ModelRef, Recipe, Slice, resolve_parameter
+from .sources import FLOAT_DTYPES, SAFETENSORS_DTYPES, TORCH_DTYPES
+
+RECIPE_TO_SAFETENSORS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress report: tensors and bytes done out of the planned totals."""
+
+    stage: str
+    done: int
+    total: int
+    bytes_done: int
+    bytes_total: int
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    model: ModelRef
+    ref: arch.TensorRef | None  # None: this model lacks the tensor (only allowed for an untied head)
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Row gather for a vocab-sized tensor: out row r <- input row index[r], or fallback when -1."""
+
+    index: tuple[torch.Tensor, ...]
+    fallback: int  # input position whose rows fill tokens another model lacks
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sources: tuple[SourceTensor, ...]
+    base_index: int | None
+    t: float
+    input_params: tuple[Mapping[str, Any] | None, ...]  # per source: its own parameters (highest precedence)
+    slice_params: Mapping[str, Any] | None
+    merge: bool  # False: copy the single source / the reference model's tensor
+    rows: int | None = None  # crop of dim 0 (common top-left block of differing vocabularies)
+    vocab: VocabMap | None = None
+
+    @property
+    def nbytes(self) -> int:
+        from .sources import DTYPE_BYTES
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: Method
+    outputs: list[PlannedOutput]
+    reference: ModelRef  # whose config, tokenizer and generation config the output starts from
+    num_layers: int
+    vocab_size: int | None
+    out_dtype: str
+    tie_word_embeddings: bool | None
+    layer_sources: list[int] = field(default_factory=list)  # each output layer's source layer index
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+# ---------------------------------------------------------------- planning
+
+def _group_inputs(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo]) -> list[tuple[Slice, ModelRef | None]]:
+    """Normalise `models:` to one slice over every layer (base appended when not listed), like mergekit."""
+    if recipe.slices is not None:
+        return [(s, s.base_model or recipe.base_model) for s in recipe.slices]
+    sources = list(recipe.models)
+    if recipe.base_model and all(m.model != recipe.base_model for m in sources):
+        sources.append(InputModel(recipe.base_model))
+    counts = {infos[m.model].num_layers for m in sources}
+    if len(counts) > 1:
+        detail = ", ".join(f"{m.model.display_name}: {infos[m.model].num_layers}" for m in sources)
+        raise ModelError(f"the models have different layer counts ({detail}); use 'slices:' with "
+                         "layer_range to choose which layers to merge")
+    n = counts.pop()
+    return [(Slice(tuple(InputModel(m.model, m.params, (0, n)) for m in sources)), recipe.base_model)]
+
+
+def _is_pre_layer(name: str) -> bool:
+    """Non-layer tensors before the first block (embeddings) vs after the last (final norm, head)."""
+    return any(key in name for key in ("embed", "wte", "wpe", "embd", "word_embeddings"))
+
+
+def _head_fallback(info: arch.ModelInfo, name: str) -> arch.TensorRef | None:
+    """A tied model has no head tensor: its input embedding plays that role."""
+    if name in info.tensors:
+        return info.tensors[name]
+    if info.tie_word_embeddings and arch.is_embedding(info, name):
+        for other, ref in info.tensors.items():
+            if other != name and arch.is_embedding(info, other):
+                return ref
+    return None
+
+
+def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
+               vocabs: Mapping[ModelRef, Mapping[str, int]] | None = None) -> MergePlan:
+    """Every output tensor with its inputs and parameter scopes, from metadata alone."""
+    method = get_method(recipe.method)
+    groups = _group_inputs(recipe, infos)
+    first_slice, first_base = groups[0]
+    reference = first_base or first_slice.sources[0].model
+    ref_info = infos[reference]
+    warnings: list[str] = []
+    out_dtype = RECIPE_TO_SAFETENSORS.get(recipe.output_dtype or "", "") or _native_dtype(ref_info)
+
+    for s, base in groups:
+        for src in s.sources:
+            n = infos[src.model].num_layers
+            if src.layer_range and src.layer_range[1] > n:
+                raise RecipeError(f"layer_range {list(src.layer_range)} of {src.model.display_name} is out of "
+                                  f"bounds: it has {n} layers (0 to {n - 1}); use an end of at most {n}")
+        if method.max_models == 1 and len(s.sources) > 1:
+            raise RecipeError(f"{method.name} takes one source per slice; split the slice")
+
+    outputs: list[PlannedOutput] = []
+    non_layer_names = {n for info in infos.values() for n in info.tensors if arch.layer_index(n) is None}
+    pre = [n for n in sorted(non_layer_names) if _is_pre_layer(n)]
+    post = [n for n in sorted(non_layer_names) if not _is_pre_layer(n)]
+
+    def add(name: str, out_name: str, s: Slice, base: ModelRef | None, t: float, layer: int | None) -> None:
+        sources, params = [], []
+        for src in s.sources:
+            info = infos[src.model]
+            src_name = name if layer is None else arch.rename_layer(name, src.layer_range[0] + layer)
+            sources.append(SourceTensor(src.model, _head_fallback(info, src_name)))
+            params.append(src.params)
+        present = [x for x in sources if x.ref is not None]
+        if not present:
+            return
+        missing = [x for x in sources if x.ref is None]
+        if missing and not arch.is_embedding(infos[missing[0].model], name):
+            raise ModelError(f"tensor {name} is missing in {missing[0].model.display_name} but present in "
+                             f"{present[0].model.display_name}; these models cannot be merged tensor by tensor")
+        shapes = {x.ref.shape for x in present}
+        embedding = any(arch.is_embedding(infos[x.model], name) for x in present)
+        rows = vocab = None
+        shape = present[0].ref.shape
+        if len(shapes) > 1:
+            if not embedding or len({sh[1:] for sh in shapes}) > 1:
+                detail = ", ".join(f"{x.model.display_name} {list(x.ref.shape)}" for x in present)
+                raise ModelError(f"tensor {name} has different shapes ({detail}); these models have "
+                                 "different architectures or sizes and cannot be merged")
+        if embedding and missing:
+            raise ModelError(f"{missing[0].model.display_name} has no {name}; it cannot be merged")
+        if embedding and (len(shapes) > 1 or vocabs):
+            shape, rows, vocab = _vocab_plan(recipe, name, sources, base, reference, infos, vocabs, warnings)
+        base_index = next((i for i, x in enumerate(sources) if x.model == base), None) if base else None
+        dtype = out_dtype if present[0].ref.dtype in FLOAT_DTYPES else present[0].ref.dtype
+        merge = present[0].ref.dtype in FLOAT_DTYPES and not (method.name == "passthrough" and len(sources) == 1
+                                                             and not _has_scale(s, recipe))
+        outputs.append(PlannedOutput(out_name, tuple(shape), dtype, tuple(sources), base_index, t,
+                                     tuple(params), s.params, merge, rows, vocab))
+
+    for name in pre:
+        add(name, name, first_slice, first_base, 0.0, None)
+    out_layer = 0
+    layer_sources: list[int] = []
+    for s, base in groups:
+        first = s.sources[0]
+        n = first.layer_range[1] - first.layer_range[0]
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            src_layer = first.layer_range[0] + offset
+            names = sorted(nm for nm in infos[first.model].tensors if arch.layer_index(nm) == src_layer)
+            for nm in names:
+                canonical = arch.rename_layer(nm, 0)
+                add(canonical, arch.rename_layer(nm, out_layer), s, base, t, offset)
+            layer_sources.append(src_layer)
+            out_layer += 1
+    last_slice, last_base = groups[-1]
+    for name in post:
+        add(name, name, last_slice, last_base, 0.0, None)
+
+    vocab_size = next((o.shape[0] for o in outputs if o.name in ref_info.tensors
+                       and arch.is_embedding(ref_info, o.name)), ref_info.vocab_size)
+    tie = ref_info.tie_word_embeddings
+    head_names = [o.name for o in outputs if arch.is_embedding(ref_info, o.name)]
+    if tie and len(head_names) > 1:
+        tie = False  # some input had its own head: keep it, untied
+    return MergePlan(recipe, method, outputs, reference, out_layer, vocab_size, out_dtype, tie, layer_sources,
+                     warnings)
+
+
+def _has_scale(s: Slice, recipe: Recipe) -> bool:
+    return any("scale" in (src.params or {}) for src in s.sources) or "scale" in (s.params or {}) \
+        or "scale" in (recipe.params or {})
+
+
+def _native_dtype(info: arch.ModelInfo) -> str:
+    for ref in info.tensors.values():
+        if ref.dtype in FLOAT_DTYPES:
+            return ref.dtype
+    return "F32"
+
+
+def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: ModelRef | None,
+                reference: ModelRef, infos: Mapping[ModelRef, arch.ModelInfo],
+                vocabs: Mapping[ModelRef, Mapping[str, int]] | None,
+                warnings: list[str]) -> tuple[tuple[int, ...], int | None, VocabMap | None]:
+    """Embedding rows when vocabularies differ: a common top-left block, or a tokenizer's vocabulary."""
+    shapes = [x.ref.shape for x in sources]
+    source = recipe.tokenizer_source
+    if source is None:
+        rows = min(sh[0] for sh in shapes)
+        if len({sh[0] for sh in shapes}) > 1:
+            msg = (f"vocab sizes differ ({', '.join(str(sh[0]) for sh in shapes)}): {name} keeps the first {rows} "
+                   "rows, common to all models; set tokenizer_source to choose a tokenizer instead")
+            if msg not in warnings:
+                warnings.append(msg)
+        return (rows, *shapes[0][1:]), rows, None
+    src_model = base if source == "base" else source
+    if vocabs is None or src_model not in vocabs:
+        raise ModelError(f"tokenizer_source {source} needs a tokenizer.json in {src_model}; it has none")
+    out_vocab = vocabs[src_model]
+    out_rows = infos[src_model].tensors.get(name, sources[0].ref).shape[0]
+    fallback = next((i for i, x in enumerate(sources) if x.model == src_model), None)
+    if fallback is None:
+        raise ModelError(f"tokenizer_source {source} must be one of the merged models")
+    by_id = {i: tok for tok, i in out_vocab.items()}
+    index = []
+    for x in sources:
+        vocab = vocabs.get(x.model, {})
+        rows = x.ref.shape[0]
+        ids = [vocab.get(by_id.get(r, ""), -1) if r in by_id else (r if x.model == src_model else -1)
+               for r in range(out_rows)]
+        index.append(torch.tensor([i if 0 <= i < rows else -1 for i in ids], dtype=torch.long))
+    return (out_rows, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), fallback)
+
+
+# ---------------------------------------------------------------- running
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ModelError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the output tensor's name: order and device independent."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+Reader = Any  # merger.sources.TensorReader or BinReader
+
+
+class MergeRunner:
+    """Runs a plan: reads inputs (prefetching the next tensor), merges on the device, feeds the sinks."""
+
+    def __init__(self, plan: MergePlan, readers: Mapping[ModelRef, Reader], *, device: str = "auto",
+                 seed: int = 0, progress: ProgressCallback | None = None,
+                 cancel: Callable[[], bool] | threading.Event | None = None) -> None:
+        self.plan = plan
+        self.readers = readers
+        self.device = resolve_device(device)
+        self.seed = seed
+        self.progress = progress
+        self._cancel = cancel
+        self.compute_dtype = TORCH_DTYPES[RECIPE_TO_SAFETENSORS[plan.recipe.dtype]] if plan.recipe.dtype else None
+
+    def cancelled(self) -> bool:
+        c = self._cancel
+        if c is None:
+            return False
+        return c.is_set() if isinstance(c, threading.Event) else bool(c())
+
+    def _read(self, out: PlannedOutput) -> list[torch.Tensor | None]:
+        return [self.readers[s.model].read(s.ref.source_name, s.ref.rows) if s.ref is not None else None
+                for s in out.sources]
+
+    def run(self, sinks: Sequence[Callable[[str, torch.Tensor], None]]) -> None:
+        outputs = self.plan.outputs
+        done_bytes = 0
+        self._report("merge", 0, done_bytes, f"merging {len(outputs)} tensors on {self.device.type}")
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reads, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writes:
+            pending: Future | None = reads.submit(self._read, outputs[0]) if outputs else None
+            written: Future | None = None
+            for i, out in enumerate(outputs):
+                if self.cancelled():
+                    raise CancelledError("the merge was cancelled")
+                raw = pending.result()
+                pending = reads.submit(self._read, outputs[i + 1]) if i + 1 < len(outputs) else None
+                result = self.compute(out, raw).cpu()
+                if written is not None:
+                    written.result()
+                written = writes.submit(self._emit, sinks, out.name, result)
+                done_bytes += out.nbytes
+                self._report("merge", i + 1, done_bytes, out.name)
+            if written is not None:
+                written.result()
+
+    @staticmethod
+    def _emit(sinks: Sequence[Callable[[str, torch.Tensor], None]], name: str, tensor: torch.Tensor) -> None:
+        for sink in sinks:
+            sink(name, tensor)
+
+    def _report(self, stage: str, done: int, bytes_done: int, message: str) -> None:
+        if self.progress:
+            self.progress(Progress(stage, done, len(self.plan.outputs), bytes_done, self.plan.total_bytes, message))
+
+    def compute(self, out: PlannedOutput, raw: list[torch.Tensor | None]) -> torch.Tensor:
+        """One output tensor from its raw inputs (already read), in the output dtype."""
+        out_dtype = TORCH_DTYPES[out.dtype]
+        if not out.merge:
+            first = next(x for x in raw if x is not None)
+            if out.rows is not None:
+                first = first[: out.rows]
+            return first.to(out_dtype) if first.dtype != out_dtype else first
+        tensors = []
+        for x in raw:
+            x = x.to(self.device, non_blocking=True)
+            if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+                x = x.to(self.compute_dtype)  # mergekit loads inputs in `dtype`, then computes in fp32
+            tensors.append(x.float())
+        if out.rows is not None:
+            tensors = [x[: out.rows] for x in tensors]
+        if out.vocab is not None:
+            tensors = _gather_vocab(tensors, out.vocab)
+        result = self._merge(out, tensors)
+        if not torch.isfinite(result).all():
+            raise ModelError(f"the merge produced NaN or Inf values in {out.name}; check the inputs for "
+                             "NaN/Inf weights and the recipe's parameters")
+        return result.to(out_dtype)
+
+    def _merge(self, out: PlannedOutput, tensors: list[torch.Tensor]) -> torch.Tensor:
+        method = self.plan.method
+        recipe = self.plan.recipe
+        shared, per_model = {}, []
+        for p in method.params:
+            if not p.per_model:
+                shared[p.name] = resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
+        for j, src in enumerate(out.sources):
+            values = {}
+            src_name = src.ref.source_name if src.ref else out.name
+            own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
+            for p in method.params:
+                if not p.per_model or (p.non_base and j == out.base_index):
+                    continue
+                values[p.name] = resolve_parameter(p, (*own, out.slice_params, recipe.params), src_name, out.t)
+            per_model.append(values)
+        generator = None
+        if method.randomized:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(tensor_seed(self.seed, out.name))
+        return method.merge(MergeInputs(tensors=tensors, base_index=out.base_index, model_params=per_model,
+                                        params=shared, name=out.name, generator=generator))
+
+
+def _gather_vocab(tensors: list[torch.Tensor], vocab: VocabMap) -> list[torch.Tensor]:
+    fallback_tensor = tensors[vocab.fallback]
+    fb_index = vocab.index[vocab.fallback].to(fallback_tensor.device)
+    out = []
+    for x, index in zip(tensors, vocab.index):
+        index = index.to(x.device)
+        rows = x[index.clamp(min=0)]
+        missing = index < 0
+        if missing.any():
+            rows[missing] = fallback_tensor[fb_index[missing].clamp(min=0)]
+        out.append(rows)
+    return out
+
+
+def iter_sources(plan: MergePlan) -> Iterable[ModelRef]:
+    seen: list[ModelRef] = []
+    for out in plan.outputs:
+        for s in out.sources:
+            if s.model not in seen:
+                seen.append(s.model)
+    return seen
+
+
+def out_dtype_name(dtype: str) -> str:
+    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(dtype, "float32")
+
+
+__all__ = ["MergePlan", "MergeRunner", "PlannedOutput", "Progress", "plan_merge", "resolve_device",
+           "tensor_seed", "SAFETENSORS_DTYPES"]

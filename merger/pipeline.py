@@ -1,0 +1,329 @@
+"""check -> fetch -> merge -> gguf -> card -> push, reported as events for the app and the CLI.
+
+Everything a job writes lives in a temporary folder until the end; on any error or a cancel it is
+removed, so a failure never leaves a half-written output folder or a half-pushed repository.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import architecture as arch
+from .engine import MergePlan, MergeRunner, Progress, plan_merge
+from .errors import CancelledError, MergerError, ModelError
+from .output import commit_output, copy_tokenizer, ensure_output_free, prepare_output, write_json
+from .recipe import ModelRef, Recipe
+from .sources import open_reader
+from .writer import DEFAULT_SHARD_SIZE, PlannedTensor, ShardedWriter
+
+RECIPE_FILE = "mergekit_config.yml"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One progress report of a job: stage, fraction of that stage done, and a human line."""
+
+    stage: str
+    fraction: float
+    message: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+EventCallback = Callable[[Event], None]
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path
+    device: str = "auto"
+    seed: int = 0
+    shard_size: int = DEFAULT_SHARD_SIZE
+    allow_bin: bool = False
+    overwrite: bool = False
+    token: str | None = None
+    gguf: tuple[str, ...] = ()
+    push: str | None = None
+    private: bool = False
+    gguf_repo: bool = False
+    overwrite_repo: bool = False
+    allow_local: bool = True
+    skip_check: bool = False
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    files: list[str]
+    plan: MergePlan
+    warnings: list[str] = field(default_factory=list)
+    gguf_files: list[Path] = field(default_factory=list)
+    pushed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    sanity: dict | None = None
+
+
+def _cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("the job was cancelled; nothing was written")
+
+
+def inspect_models(recipe: Recipe, folders: Mapping[ModelRef, Path], *, allow_bin: bool) -> dict[ModelRef, arch.ModelInfo]:
+    """ModelInfo for every referenced model, from its local folder's config and headers."""
+    return {ref: arch.inspect_local(folders[ref], ref=ref, allow_bin=allow_bin) for ref in recipe.referenced_models()}
+
+
+def load_vocab(folder: Path) -> dict[str, int] | None:
+    """Token -> id from tokenizer.json (model vocab plus added tokens), or None when absent."""
+    import json
+
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+    vocab = dict(vocab)
+    for tok in data.get("added_tokens", []):
+        vocab[tok["content"]] = tok["id"]
+    return vocab
+
+
+def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path, *, device: str = "auto",
+                seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, allow_bin: bool = False,
+                overwrite: bool = False, progress: EventCallback | None = None,
+                cancel: threading.Event | None = None,
+                before_commit: Callable[[Path, MergePlan], list[str]] | None = None) -> RunResult:
+    """Merge models already on disk into out_dir (mergekit's layout), atomically."""
+    started = time.monotonic()
+    infos = inspect_models(recipe, folders, allow_bin=allow_bin)
+    vocabs = None
+    if recipe.tokenizer_source is not None:
+        vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
+    plan = plan_merge(recipe, infos, vocabs=vocabs)
+    tmp = prepare_output(out_dir, overwrite=overwrite)
+    readers = {}
+    try:
+        readers = {ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
+        writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
+                               shard_size=shard_size, metadata={"mergekit_method": recipe.method})
+
+        def on_progress(p: Progress) -> None:
+            if progress:
+                progress(Event("merge", p.done / max(p.total, 1), p.message, p.bytes_done, p.bytes_total))
+
+        MergeRunner(plan, readers, device=device, seed=seed, progress=on_progress, cancel=cancel).run(
+            [writer.write])
+        files = writer.finish()
+        _cancelled(cancel)
+        ref_folder = folders[plan.reference]
+        ref_info = infos[plan.reference]
+        config = arch.output_config(ref_info.config, num_layers=plan.num_layers, vocab_size=plan.vocab_size,
+                                    dtype=plan.out_dtype, tie_word_embeddings=plan.tie_word_embeddings,
+                                    layer_sources=plan.layer_sources)
+        write_json(tmp / "config.json", config)
+        files.append("config.json")
+        if (ref_folder / "generation_config.json").is_file():
+            shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
+            files.append("generation_config.json")
+        tok_src = plan.reference
+        if isinstance(recipe.tokenizer_source, ModelRef):
+            tok_src = recipe.tokenizer_source
+        files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template)
+        (tmp / RECIPE_FILE).write_text(recipe.text if recipe.text.endswith("\n") else recipe.text + "\n",
+                                       encoding="utf-8")
+        files.append(RECIPE_FILE)
+        if before_commit is not None:
+            files += before_commit(tmp, plan)
+        _cancelled(cancel)
+        commit_output(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ModelError(os_error_message(e, out_dir)) from None
+        raise
+    finally:
+        for r in readers.values():
+            r.close()
+    return RunResult(out_dir.resolve(), sorted(files), plan, list(plan.warnings),
+                     seconds=time.monotonic() - started)
+
+
+def os_error_message(e: OSError, where: Path) -> str:
+    """A file-system failure as one actionable line (disk full is the common one on Spaces)."""
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full while writing {where}; free some space (the partial output was removed)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write {where}; choose a folder you can write to"
+    return f"writing {where} failed: {e.strerror or e}"
+
+
+def resolve_local(recipe: Recipe) -> dict[ModelRef, Path]:
+    """Folders of a recipe whose models are all local; Hub models need hub.fetch first."""
+    folders = {}
+    for ref in recipe.referenced_models():
+        if not ref.local:
+            raise MergerError(f"{ref} is a Hub model; fetching is needed first")
+        folders[ref] = Path(ref.repo)
+    return folders
+
+
+# ---------------------------------------------------------------- the whole job
+
+FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
+VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the CPU: skip it for big models
+
+
+def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False):
+    """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights."""
+    from .check import check_recipe
+
+    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin)
+
+
+def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
+    progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
+    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
+    errors = [p for p in report.problems if p.severity == "error"]
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
+        fix = f"; {errors[0].fix}" if errors[0].fix else ""
+        raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}{more}")
+    progress(Event("check", 1.0, "check passed"))
+
+
+def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
+           cancel: threading.Event | None) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
+    """Local folders of every model: Hub models are pinned to a commit and downloaded (cached)."""
+    folders: dict[ModelRef, Path] = {}
+    parents: dict[ModelRef, object] = {}
+    refs = recipe.referenced_models()
+    for i, ref in enumerate(refs):
+        _cancelled(cancel)
+        if ref.local:
+            folders[ref] = Path(ref.repo)
+            continue
+        from . import hub
+
+        def on_bytes(done: int, total: int | None, i: int = i, ref: ModelRef = ref) -> None:
+            _cancelled(cancel)
+            part = done / total if total else 0.0
+            progress(Event("download", (i + part) / len(refs), f"{ref}", done, total or 0))
+
+        remote, folder = hub.fetch_model(ref, token=options.token, allow_bin=options.allow_bin, progress=on_bytes)
+        folders[ref], parents[ref] = folder, remote
+    progress(Event("download", 1.0, "all models are available locally"))
+    return folders, parents
+
+
+def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    floats = [FLOAT_GGUF_TYPES[t] for t in types if t in FLOAT_GGUF_TYPES]
+    quants = [t for t in types if t not in FLOAT_GGUF_TYPES]
+    if len(floats) > 1:
+        raise ModelError("ask for at most one unquantized GGUF type (F16, BF16 or F32) per run")
+    return (floats[0] if floats else None), quants
+
+
+def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None = None,
+        cancel: threading.Event | None = None) -> RunResult:
+    """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure."""
+    from .card import GGUFFileInfo, ParentInfo, build_card
+
+    report = progress or (lambda event: None)
+    if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
+        raise ModelError("local model folders are not allowed here; name models by their Hub repo ID")
+    outtype, quants = _split_gguf_types(options.gguf)
+    ensure_output_free(options.out_dir, overwrite=options.overwrite)
+    if options.push:
+        from .hub import check_write_access, validate_repo_id
+
+        validate_repo_id(options.push)
+        check_write_access(options.push, token=options.token)
+    if not options.skip_check:
+        _check_or_raise(recipe, options, report)
+    folders, remotes = _fetch(recipe, options, report, cancel)
+    local = {ref: ModelRef(str(folder), None, True) for ref, folder in folders.items()}
+    local_recipe = recipe.with_models(local)
+    local_folders = {local[ref]: folder for ref, folder in folders.items()}
+    parents = [remotes[ref].parent_info() if ref in remotes else
+               ParentInfo(ref.display_name, None, _local_license(folders[ref]), local=True)
+               for ref in recipe.referenced_models()]
+    output_name = options.push or options.out_dir.name
+    ggufs: list[Path] = []
+    sanity: dict[str, str] = {}
+
+    def finalize(tmp: Path, plan: MergePlan) -> list[str]:
+        files: list[str] = []
+        if options.gguf:
+            from quantize.llama import export_gguf
+
+            name = output_name.split("/")[-1]
+            ggufs.extend(export_gguf(tmp, tmp, name, outtype, quants, cancel=lambda: bool(cancel and cancel.is_set()),
+                                     progress=lambda msg, frac: report(Event("gguf", frac, msg))))
+            files += [p.name for p in ggufs]
+            sanity.update(_verify(ggufs, tmp, plan, report))
+        card = build_card(recipe, parents=parents, output_name=output_name,
+                          gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
+                          gguf_repo=(f"{options.push}-GGUF" if options.push and options.gguf_repo else None),
+                          sanity=sanity or None, seed=options.seed)
+        (tmp / "README.md").write_text(str(card), encoding="utf-8")
+        return files + ["README.md"]
+
+    result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
+                         shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
+                         progress=report, cancel=cancel, before_commit=finalize)
+    result.gguf_files = [result.out_dir / p.name for p in ggufs]
+    result.sanity = sanity or None
+    if options.push:
+        from .hub import push_folder
+
+        _cancelled(cancel)
+        pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
+                             overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
+                             gguf_repo=None if options.gguf_repo else options.push,
+                             progress=lambda done, total: report(Event("upload", done / total if total else 0.0,
+                                                                       options.push, done, total or 0)))
+        result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
+        report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
+    return result
+
+
+def _local_license(folder: Path) -> str | None:
+    """A local parent's licence from its README front matter, when it has one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard(readme.read_text(encoding="utf-8")).data.license
+    except Exception:  # a malformed card is not worth failing a merge over
+        return None
+
+
+def _verify(ggufs: list[Path], folder: Path, plan: MergePlan, report: EventCallback) -> dict[str, str]:
+    """Load each GGUF in llama.cpp: logits vs the merged model, perplexity, a sample generation."""
+    from quantize.llama import verify_gguf
+
+    params = sum(math.prod(o.shape) for o in plan.outputs)
+    if params > VERIFY_MAX_PARAMS:
+        return {"GGUF verification": f"skipped for {params / 1e9:.1f}B parameters (CPU reference forward); "
+                                     "run `python -m quantize` with verification on a larger machine"}
+    out: dict[str, str] = {}
+    for i, path in enumerate(p for p in ggufs if p.suffix == ".gguf" and "-of-" not in p.name):
+        report(Event("verify", i / len(ggufs), f"loading {path.name} in llama.cpp"))
+        v = verify_gguf(path, folder)
+        out[path.name] = (f"loads in llama.cpp; logits vs merged model: max rel. error {v.max_rel_error:.2e}; "
+                          f"perplexity {v.perplexity:.2f} (merged model {v.reference_perplexity:.2f}); "
+                          f"sample: {v.sample.strip()!r}")
+    report(Event("verify", 1.0, "GGUF files verified"))
+    return out

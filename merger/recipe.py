@@ -1,0 +1,602 @@
+"""mergekit-compatible YAML recipes: safe parsing, strict validation, parameter resolution.
+
+The schema is mergekit 0.1.5's (`models:` or `slices:`, `merge_method`, `base_model`, `parameters`,
+`dtype`, `out_dtype`, `tokenizer_source`/`tokenizer`, `chat_template`). Unlike mergekit, unknown keys,
+misspelled methods and out-of-range values are refused with one line that says how to fix them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import RecipeError
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+DTYPES = {
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+
+TOP_KEYS = ("models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "name")
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source",)
+CHAT_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "exaone", "auto")
+
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model named in a recipe: a Hub repo (optionally at a revision) or a local folder."""
+
+    repo: str
+    revision: str | None = None
+    local: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+
+    @property
+    def display_name(self) -> str:
+        return Path(self.repo).name if self.local else self.repo
+
+
+@dataclass(frozen=True)
+class InputModel:
+    model: ModelRef
+    params: Mapping[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Slice:
+    sources: tuple[InputModel, ...]
+    base_model: ModelRef | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    base_model: ModelRef | None
+    models: tuple[InputModel, ...]
+    slices: tuple[Slice, ...] | None
+    params: Mapping[str, Any]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | ModelRef | None
+    chat_template: str | None
+    text: str
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the recipe needs, base first, each once, in order of appearance."""
+        refs: list[ModelRef] = []
+        candidates: list[ModelRef | None] = [self.base_model]
+        candidates += [m.model for m in self.models]
+        for s in self.slices or ():
+            candidates += [s.base_model] + [src.model for src in s.sources]
+        if isinstance(self.tokenizer_source, ModelRef):
+            candidates.append(self.tokenizer_source)
+        for ref in candidates:
+            if ref is not None and ref not in refs:
+                refs.append(ref)
+        return refs
+
+    @property
+    def output_dtype(self) -> str | None:
+        return self.out_dtype or self.dtype
+
+    def with_models(self, mapping: Mapping[ModelRef, ModelRef]) -> "Recipe":
+        """The same recipe with model references substituted (Hub IDs -> downloaded folders)."""
+        def sub(ref: ModelRef | None) -> ModelRef | None:
+            return mapping.get(ref, ref) if ref is not None else None
+
+        def sub_input(m: InputModel) -> InputModel:
+            return InputModel(sub(m.model), m.params, m.layer_range)
+
+        slices = None
+        if self.slices is not None:
+            slices = tuple(Slice(tuple(sub_input(s) for s in sl.sources), sub(sl.base_model), sl.params)
+                           for sl in self.slices)
+        tok = sub(self.tokenizer_source) if isinstance(self.tokenizer_source, ModelRef) else self.tokenizer_source
+        return Recipe(self.method, sub(self.base_model), tuple(sub_input(m) for m in self.models), slices,
+                      self.params, self.dtype, self.out_dtype, tok, self.chat_template, self.text)
+
+
+# ---------------------------------------------------------------- safe YAML
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, deep nesting and alias expansion bombs."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise RecipeError(f"the recipe is nested more than {MAX_YAML_DEPTH} levels deep; "
+                              "flatten it to the mergekit schema")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Iterable) and not isinstance(key, str):
+                raise RecipeError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
+            if key in seen:
+                raise RecipeError(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice; "
+                                  "keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Node count with aliases expanded, computed without expanding them (bomb detection)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # guards against recursive aliases
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[key] = min(size, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely: plain data only, bounded size, depth and alias expansion."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; "
+                          "a merge recipe is a few lines of YAML")
+    loader = _LimitedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise RecipeError("the recipe expands to too many YAML nodes (alias bomb?); "
+                              "write the values out instead of nesting aliases")
+        return loader.construct_document(node)
+    except RecipeError:
+        raise
+    except yaml.constructor.ConstructorError as e:
+        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
+        raise RecipeError(f"{where}unsupported YAML tag or value ({_one_line(e.problem)}); "
+                          "recipes are plain YAML without tags") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"the recipe is not valid YAML: {where}{_one_line(problem)}") from None
+    except RecursionError:
+        raise RecipeError("the recipe is nested too deeply; flatten it to the mergekit schema") from None
+    finally:
+        loader.dispose()
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())[:200]
+
+
+# ---------------------------------------------------------------- validation helpers
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word).replace("-", "_").lower(), list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(mapping, dict):
+        raise RecipeError(f"{where} must be a mapping of keys ({', '.join(allowed)}), "
+                          f"not {_kind(mapping)}")
+    for key in mapping:
+        if key not in allowed:
+            raise RecipeError(f"{where}: unknown key '{_short(key)}'{_suggest(str(key), allowed)}; "
+                              f"allowed keys: {', '.join(allowed)}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "empty"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _short(value: Any) -> str:
+    text = _one_line(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path | None = None) -> ModelRef:
+    """`org/name`, `org/name@revision` or a local folder (refused when allow_local is False)."""
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where} must be a Hub repo ID like 'org/name' or a local folder, not {_kind(value)}")
+    text = value.strip()
+    if "+" in text and not os.path.exists(text):
+        raise RecipeError(f"{where}: '{_short(text)}' uses mergekit's model+LoRA syntax, which is not supported; "
+                          "merge the adapter into its model first")
+    looks_local = text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text
+    if not looks_local and allow_local:
+        candidate = (base_dir / text) if base_dir and not os.path.isabs(text) else Path(text)
+        looks_local = candidate.is_dir() and (candidate / "config.json").exists()
+    if looks_local:
+        if not allow_local:
+            raise RecipeError(f"{where}: local paths are not allowed here ('{_short(text)}'); "
+                              "name models by their Hub repo ID, like 'org/name'")
+        if text.startswith("file:"):
+            raise RecipeError(f"{where}: file URLs are not supported ('{_short(text)}'); give the folder path")
+        path = Path(os.path.expanduser(text))
+        if base_dir and not path.is_absolute():
+            path = base_dir / path
+        return ModelRef(str(path.resolve()), None, True)
+    repo, _, revision = text.partition("@")
+    if not _HUB_ID.match(repo) or ".." in repo or repo.endswith((".git", ".")):
+        raise RecipeError(f"{where}: '{_short(text)}' is not a Hub repo ID (expected 'org/name' or "
+                          "'org/name@revision') nor an existing local model folder")
+    if "@" in text and not _REVISION.match(revision):
+        raise RecipeError(f"{where}: revision '{_short(revision)}' is not a valid branch, tag or commit")
+    return ModelRef(repo, revision or None, False)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _validate_setting(where: str, setting: Any, param: Any) -> None:
+    """Check a parameter setting's structure and every scalar in it against the method's Param."""
+    if _is_scalar(setting):
+        _validate_scalar(where, setting, param)
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list) or not setting:
+        raise RecipeError(f"{where} must be a number, a list of numbers (a gradient) or a list of "
+                          f"{{filter: ..., value: ...}} conditions, not {_kind(setting)}")
+    if all(_is_scalar(v) for v in setting):
+        for v in setting:
+            _validate_scalar(where, v, param)
+        return
+    for i, cond in enumerate(setting):
+        if not isinstance(cond, dict):
+            raise RecipeError(f"{where}[{i}] mixes conditions and plain values; write each entry as "
+                              "{filter: ..., value: ...}, the last one as {value: ...}")
+        _check_keys(f"{where}[{i}]", cond, ("filter", "value"))
+        if "value" not in cond:
+            raise RecipeError(f"{where}[{i}] has no 'value'; add one")
+        if "filter" in cond and cond["filter"] is not None and not isinstance(cond["filter"], str):
+            raise RecipeError(f"{where}[{i}].filter must be a substring of tensor names, like 'q_proj'")
+        value = cond["value"]
+        if isinstance(value, list):
+            if not value or not all(_is_scalar(v) for v in value):
+                raise RecipeError(f"{where}[{i}].value must be a number or a list of numbers")
+            for v in value:
+                _validate_scalar(f"{where}[{i}].value", v, param)
+        else:
+            _validate_scalar(f"{where}[{i}].value", value, param)
+
+
+def _validate_scalar(where: str, value: Any, param: Any) -> None:
+    try:
+        coerced = coerce(value, param.kind)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(param.kind, param.kind.__name__)
+        raise RecipeError(f"{where} must be {kind}, not '{_short(value)}'") from None
+    problem = param.validate(coerced)
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
+
+
+def coerce(value: Any, kind: type) -> Any:
+    """mergekit-compatible scalar coercion (YAML '1e-3' strings become numbers, finite only)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(value)
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(value)
+        if kind is int:
+            if number != int(number):
+                raise ValueError(value)
+            return int(number)
+        return number
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+# ---------------------------------------------------------------- parsing
+
+def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | None = None) -> Recipe:
+    """Parse and validate a recipe. Raises RecipeError with one line on any problem."""
+    from .methods import get_method  # the method registry decides which parameters exist
+
+    if not isinstance(text, str):
+        raise RecipeError("the recipe must be YAML text")
+    data = load_yaml(text)
+    if data is None:
+        raise RecipeError("the recipe is empty; start from an example such as "
+                          "'merge_method: linear' with a 'models:' list")
+    _check_keys("the recipe", data, TOP_KEYS)
+    if "merge_method" not in data:
+        raise RecipeError("the recipe has no 'merge_method'; add one, e.g. 'merge_method: slerp'")
+    if not isinstance(data["merge_method"], str):
+        raise RecipeError("merge_method must be a method name such as 'ties', not "
+                          f"{_kind(data['merge_method'])}")
+    method = get_method(data["merge_method"].strip())
+    bdir = Path(base_dir) if base_dir else None
+
+    def ref(value: Any, where: str) -> ModelRef:
+        return parse_model_ref(value, where, allow_local=allow_local, base_dir=bdir)
+
+    accepted = {p.name: p for p in method.params}
+
+    def params(where: str, value: Any, scope: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a mapping like 'weight: 0.5', not {_kind(value)}")
+        for name, setting in value.items():
+            if name not in accepted:
+                known = ", ".join(sorted(accepted)) or "none"
+                raise RecipeError(f"{where}: '{_short(name)}' is not a parameter of {method.name}"
+                                  f"{_suggest(str(name), accepted)}; its parameters are: {known}")
+            param = accepted[name]
+            if scope == "model" and not param.per_model:
+                raise RecipeError(f"{where}: '{name}' applies to the whole merge, not to one model; "
+                                  "move it to the top-level 'parameters:'")
+            _validate_setting(f"{where}.{name}", setting, param)
+        return dict(value)
+
+    base = ref(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    has_models, has_slices = "models" in data, "slices" in data
+    if has_models == has_slices:
+        raise RecipeError("the recipe needs exactly one of 'models:' (merge whole models) or "
+                          "'slices:' (merge or stack layer ranges)")
+    models: list[InputModel] = []
+    slices: list[Slice] | None = None
+    if has_models:
+        if not isinstance(data["models"], list) or not data["models"]:
+            raise RecipeError("'models:' must be a non-empty list of entries like '- model: org/name'")
+        for i, entry in enumerate(data["models"]):
+            where = f"models[{i}]"
+            if isinstance(entry, str):
+                entry = {"model": entry}
+            _check_keys(where, entry, MODEL_KEYS)
+            if "model" not in entry:
+                raise RecipeError(f"{where} has no 'model'; add '- model: org/name'")
+            models.append(InputModel(ref(entry["model"], f"{where}.model"),
+                                     params(f"{where}.parameters", entry.get("parameters"), "model")))
+    else:
+        if not isinstance(data["slices"], list) or not data["slices"]:
+            raise RecipeError("'slices:' must be a non-empty list of entries with 'sources:'")
+        slices = []
+        for i, entry in enumerate(data["slices"]):
+            where = f"slices[{i}]"
+            _check_keys(where, entry, SLICE_KEYS)
+            sources = entry.get("sources")
+            if not isinstance(sources, list) or not sources:
+                raise RecipeError(f"{where}.sources must be a non-empty list of "
+                                  "'- model: ..., layer_range: [start, end]'")
+            parsed = []
+            for j, src in enumerate(sources):
+                swhere = f"{where}.sources[{j}]"
+                _check_keys(swhere, src, SOURCE_KEYS)
+                if "model" not in src:
+                    raise RecipeError(f"{swhere} has no 'model'")
+                parsed.append(InputModel(ref(src["model"], f"{swhere}.model"),
+                                         params(f"{swhere}.parameters", src.get("parameters"), "model"),
+                                         _layer_range(swhere, src.get("layer_range"))))
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed}
+            if len(lengths) > 1:
+                raise RecipeError(f"{where}: all sources of a slice must have the same number of layers "
+                                  f"(got {sorted(lengths)}); adjust their layer_range")
+            slice_base = ref(entry["base_model"], f"{where}.base_model") if entry.get("base_model") else None
+            slices.append(Slice(tuple(parsed), slice_base, params(f"{where}.parameters",
+                                                                   entry.get("parameters"), "slice")))
+    top = params("parameters", data.get("parameters"), "top")
+
+    dtype = _dtype(data, "dtype")
+    out_dtype = _dtype(data, "out_dtype")
+    tokenizer_source = _tokenizer_source(data, ref)
+    chat_template = data.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise RecipeError("chat_template must be a template name (" + ", ".join(CHAT_TEMPLATES) +
+                          ") or a Jinja template string")
+    if isinstance(data.get("name"), (dict, list)):
+        raise RecipeError("name must be a string")
+
+    recipe = Recipe(method.name, base, tuple(models), tuple(slices) if slices is not None else None,
+                    top, dtype, out_dtype, tokenizer_source, chat_template, text)
+    _validate_structure(recipe, method)
+    return recipe
+
+
+def _layer_range(where: str, value: Any) -> tuple[int, int]:
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise RecipeError(f"{where}.layer_range must be two integers [start, end), e.g. [0, 16]")
+    start, end = value
+    if start < 0 or end <= start:
+        raise RecipeError(f"{where}.layer_range [{start}, {end}] is empty or negative; "
+                          "use [start, end) with 0 <= start < end")
+    return int(start), int(end)
+
+
+def _dtype(data: dict, key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.lower() not in DTYPES:
+        raise RecipeError(f"{key} '{_short(value)}' is not supported{_suggest(str(value), DTYPES)}; "
+                          "use float16, bfloat16 or float32")
+    return DTYPES[value.lower()]
+
+
+def _tokenizer_source(data: dict, ref: Any) -> str | ModelRef | None:
+    if "tokenizer_source" in data and "tokenizer" in data:
+        raise RecipeError("give either tokenizer_source or tokenizer, not both")
+    value = data.get("tokenizer_source")
+    if "tokenizer" in data:
+        _check_keys("tokenizer", data["tokenizer"], TOKENIZER_KEYS)
+        value = data["tokenizer"].get("source")
+    if value is None:
+        return None
+    if value == "union":
+        raise RecipeError("tokenizer_source: union is not supported; use 'base' or the model whose "
+                          "tokenizer the merge should keep")
+    if value == "base":
+        if data.get("base_model") is None and not any(
+                isinstance(s, dict) and s.get("base_model") for s in data.get("slices") or []):
+            raise RecipeError("tokenizer_source: base needs a base_model; add one or name a model")
+        return "base"
+    return ref(value, "tokenizer_source")
+
+
+def _validate_structure(recipe: Recipe, method: Any) -> None:
+    """Checks that need the whole recipe: base model policy, model counts, weights summing to zero."""
+    groups: list[tuple[str, list[InputModel], ModelRef | None]] = []
+    if recipe.slices is None:
+        inputs = list(recipe.models)
+        if recipe.base_model and all(m.model != recipe.base_model for m in inputs):
+            inputs.append(InputModel(recipe.base_model))
+        groups.append(("models", inputs, recipe.base_model))
+    else:
+        for i, s in enumerate(recipe.slices):
+            groups.append((f"slices[{i}]", list(s.sources), s.base_model or recipe.base_model))
+    for where, inputs, base in groups:
+        if method.base == "required" and base is None:
+            raise RecipeError(f"{method.name} needs a base_model (the model the others were fine-tuned "
+                              "from); add 'base_model: org/name'")
+        if method.base != "ignored" and base is not None and all(m.model != base for m in inputs) \
+                and recipe.slices is not None:
+            raise RecipeError(f"{where}: the base model {base} is not among the slice's sources; add it there")
+        problem = method.check_inputs(len(inputs), base is not None)
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
+        if method.name in ("slerp", "nearswap") and base is not None and all(m.model != base for m in inputs):
+            raise RecipeError(f"{method.name} interpolates from the base model; make {base} one of the two models")
+        _check_weight_sum(where, inputs, base, recipe, method)
+
+
+def _check_weight_sum(where: str, inputs: list[InputModel], base: ModelRef | None,
+                      recipe: Recipe, method: Any) -> None:
+    """Refuse scalar weights that sum to zero where the method divides by their sum."""
+    params = {p.name: p for p in method.params}
+    if "weight" not in params or "normalize" not in params:
+        return
+    normalize = recipe.params.get("normalize", params["normalize"].default)
+    if not _is_scalar(normalize) or not coerce(normalize, bool):
+        return
+    weights = []
+    for m in inputs:
+        if m.model == base and params["weight"].non_base:
+            continue
+        value = m.params.get("weight", recipe.params.get("weight", params["weight"].default))
+        if not _is_scalar(value) or isinstance(value, str) and not _numeric(value):
+            return
+        weights.append(coerce(value, float))
+    if weights and abs(sum(weights)) < 1e-8:
+        raise RecipeError(f"{where}: the weights sum to zero and {method.name} divides by their sum; "
+                          "change a weight or set 'normalize: false'")
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_recipe(path: str | Path, *, allow_local: bool = True) -> Recipe:
+    """Read and parse a recipe file; relative local model paths resolve against the file's folder."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{p} is larger than {MAX_RECIPE_BYTES // 1024} KiB; "
+                              "a merge recipe is a few lines of YAML")
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {p} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{p} is a folder; give the path of a .yml recipe file") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p} is not UTF-8 text; save the recipe as plain YAML") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read {p}: {e.strerror}") from None
+    return parse_recipe(text, allow_local=allow_local, base_dir=p.parent)
+
+
+# ---------------------------------------------------------------- resolution
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float, kind: type) -> Any:
+    """One setting -> a value for this tensor at layer position t (None when no condition matches).
+
+    Gradients interpolate piecewise-linearly over t in [0, 1]; non-numeric lists pick a step.
+    Conditions are substring filters, first match wins, a missing filter (or '*') matches all.
+    """
+    if _is_scalar(setting):
+        return coerce(setting, kind)
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not setting:
+        return None
+    if all(_is_scalar(v) for v in setting):
+        values = [coerce(v, kind) for v in setting]
+        if kind not in (int, float):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return coerce((1 - frac) * values[i0] + frac * values[i1], kind)
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+            return evaluate_setting(cond["value"], tensor_name, t, kind)
+    return None
+
+
+def resolve_parameter(param: Any, scopes: Iterable[Mapping[str, Any] | None], tensor_name: str,
+                      t: float) -> Any:
+    """First scope (highest precedence first) whose setting yields a value; else the default."""
+    for scope in scopes:
+        if scope and param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor_name, t, param.kind)
+            if value is not None:
+                return value
+    if param.required:
+        raise RecipeError(f"parameter '{param.name}' has no value for tensor {tensor_name}; "
+                          "set it per model or at the top level")
+    return param.default

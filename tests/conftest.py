@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny generated models (hidden 64, 4 layers, a real BPE tokenizer), made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("SPACE_ID", None)
+
+from merger.tiny import make_tiny_model  # noqa: E402
+
+SHARED_RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def llama_family(models_dir: Path) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tunes of it (different seeds), fp16, untied head."""
+    base = make_tiny_model(models_dir / "llama-base", "llama", seed=1)
+    out = {"base": base}
+    for i, name in enumerate(("chat", "med", "code")):
+        out[name] = make_tiny_model(models_dir / f"llama-{name}", perturb_from=base, seed=10 + i,
+                                    perturb_scale=0.05)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_family(models_dir: Path) -> dict[str, Path]:
+    """A tiny Qwen2 (tied embeddings) base and two fine-tunes."""
+    base = make_tiny_model(models_dir / "qwen-base", "qwen2", seed=2)
+    return {"base": base,
+            "a": make_tiny_model(models_dir / "qwen-a", perturb_from=base, seed=21, perturb_scale=0.05),
+            "b": make_tiny_model(models_dir / "qwen-b", perturb_from=base, seed=22, perturb_scale=0.05)}
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
