@@ -1,0 +1,1 @@
+"""GGUF export: convert a Hugging Face folder with the gguf package, quantize and verify with llama.cpp."""

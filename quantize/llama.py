@@ -1,0 +1,274 @@
+"""llama.cpp (through llama-cpp-python): quantize, split, load and verify GGUF files; the export entry point.
+
+Quantization is llama.cpp's own (`llama_model_quantize`), never re-implemented. Verification loads the
+GGUF the way users will, and compares its logits with the plain torch reference forward of the source
+folder, so a wrong tensor layout or hyperparameter shows up as a number, not as a silent bad model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from merger.errors import CancelledError, GGUFError
+from quantize.convert import OUTTYPES, convert_folder, gguf_file_name
+from quantize.reference import reference_logits
+
+__all__ = [
+    "EVAL_TEXT",
+    "HUB_FILE_LIMIT",
+    "QUANT_TYPES",
+    "VerifyResult",
+    "export_gguf",
+    "load_gguf",
+    "quantize_gguf",
+    "split_gguf",
+    "verify_gguf",
+]
+
+HUB_FILE_LIMIT = 50_000_000_000  # bytes: the Hub refuses single files larger than this
+
+# A short original text for the perplexity figure (not the tokenizer's training text).
+EVAL_TEXT = (
+    "A small boat left the harbour at dawn. The fisherman checked his nets, watched the clouds and "
+    "listened to the radio. By noon the wind had turned, and he decided to come home early."
+)
+
+# Quantization types llama.cpp can produce without an importance matrix, by their usual names.
+QUANT_TYPES: dict[str, str] = {
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+}
+
+Progress = Callable[[str, float], None]  # (what is happening, fraction of this step done)
+Cancel = Callable[[], bool]
+
+
+def _llama_cpp():  # noqa: ANN202 - the module
+    try:
+        import llama_cpp
+    except ImportError:
+        raise GGUFError("quantizing and verifying GGUF needs llama-cpp-python: pip install llama-cpp-python") from None
+    log = logging.getLogger("llama-cpp-python")
+    if log.level == logging.NOTSET:  # llama.cpp logs every tensor it quantizes; keep errors only
+        log.setLevel(logging.ERROR)
+    return llama_cpp
+
+
+def check_quant_type(name: str) -> str:
+    """The canonical spelling of a quantization type, or a GGUFError saying what is available."""
+    upper = name.strip().upper()
+    if upper in QUANT_TYPES:
+        return upper
+    if upper.startswith(("IQ", "TQ")):
+        raise GGUFError(
+            f"{name} needs an importance matrix (imatrix), which this exporter does not compute; "
+            f"choose one of {', '.join(QUANT_TYPES)}"
+        )
+    raise GGUFError(f"unknown quantization type {name!r}; choose one of {', '.join(QUANT_TYPES)}")
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, quant: str) -> Path:
+    """Quantize an F32/F16/BF16 GGUF with llama.cpp into `dst` (written under a temporary name first)."""
+    llama_cpp = _llama_cpp()
+    quant = check_quant_type(quant)
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise GGUFError(f"cannot quantize {src}: no such file")
+    tmp = dst.with_name(f".{dst.name}.partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise GGUFError(f"llama.cpp could not quantize {src.name} to {quant} (return code {rc})")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def split_gguf(path: str | Path, max_size: int) -> list[Path]:
+    """Split a GGUF into `NAME-0000i-of-0000N.gguf` parts of at most about `max_size` bytes (gguf-split layout).
+
+    llama.cpp loads such a set from its first part. The original file is replaced by the parts; a file
+    already under the limit is returned unchanged.
+    """
+    path = Path(path)
+    if path.stat().st_size <= max_size:
+        return [path]
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    tmp = path.parent / f".{path.name}.split"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = gguf.GGUFWriter(tmp / path.name, arch.contents(), split_max_size=max_size)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, list(reversed(t.shape.tolist())), np.dtype(np.float32), int(t.n_bytes),
+                                   raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(np.asarray(t.data).view(np.uint8).reshape(-1))
+        writer.close()
+        parts = []
+        for part in sorted(tmp.iterdir()):
+            part.replace(path.parent / part.name)
+            parts.append(path.parent / part.name)
+        del reader
+        path.unlink()
+        return parts
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_gguf(path: str | Path, n_ctx: int = 512):  # noqa: ANN201 - llama_cpp.Llama
+    """Load a GGUF (or the first part of a split set) with an F32 KV cache and all logits kept."""
+    llama_cpp = _llama_cpp()
+    try:
+        return llama_cpp.Llama(
+            str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, verbose=False, n_threads=os.cpu_count() or 1,
+        )
+    except ValueError as exc:
+        raise GGUFError(f"llama.cpp cannot load {Path(path).name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What a user needs to trust a GGUF: it loads, matches the source model, and writes text."""
+
+    path: Path
+    n_tokens: int
+    max_rel_error: float  # max |gguf - reference| / max |reference| over the logits
+    perplexity: float  # of EVAL_TEXT under the GGUF model
+    reference_perplexity: float  # of EVAL_TEXT under the source model
+    sample: str  # greedy continuation of the first words of EVAL_TEXT
+
+
+def _perplexity(logits: torch.Tensor, ids: Sequence[int]) -> float:
+    logp = torch.log_softmax(logits[:-1].double(), -1)
+    nll = -logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean()
+    return math.exp(nll.item())
+
+
+def verify_gguf(
+    path: str | Path, model_dir: str | Path, *, text: str = EVAL_TEXT, max_tokens: int = 64, sample_tokens: int = 12
+) -> VerifyResult:
+    """Load `path` in llama.cpp, compare its logits on `text` with the source folder's, and sample a few tokens."""
+    llm = load_gguf(path, n_ctx=max(128, max_tokens + sample_tokens + 8))
+    try:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=True)[:max_tokens]
+        if len(ids) < 2:
+            raise GGUFError(f"the verification text gives only {len(ids)} token(s); use a longer text")
+        llm.eval(ids)
+        got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        ref = reference_logits(model_dir, ids)
+        if got.shape != ref.shape:
+            raise GGUFError(f"{Path(path).name} gives logits of shape {tuple(got.shape)}, the source {tuple(ref.shape)}")
+        llm.reset()
+        prompt = llm.tokenize(" ".join(text.split()[:4]).encode("utf-8"), add_bos=True)
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            if token == llm.token_eos() or len(out) >= sample_tokens:
+                break
+            out.append(token)
+        sample = llm.detokenize(out).decode("utf-8", errors="replace")
+        return VerifyResult(
+            path=Path(path),
+            n_tokens=len(ids),
+            max_rel_error=((got - ref).abs().max() / ref.abs().max()).item(),
+            perplexity=_perplexity(got, ids),
+            reference_perplexity=_perplexity(ref, ids),
+            sample=sample,
+        )
+    finally:
+        llm.close()
+
+
+def export_gguf(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    outtype: str | None = "f16",
+    quants: Sequence[str] = (),
+    *,
+    split_max_size: int = HUB_FILE_LIMIT,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> list[Path]:
+    """Write `NAME-<TYPE>.gguf` files for `outtype` and each of `quants`; returns every file written.
+
+    Quantization starts from an F16 (or the requested F32/BF16) file; that intermediate is deleted when
+    it was not asked for. Files larger than `split_max_size` are split in the gguf-split layout.
+    Everything is checked before the first byte is written; on error or cancel nothing is left behind.
+    """
+    quants = [check_quant_type(q) for q in quants]
+    if outtype is not None and outtype not in OUTTYPES:
+        raise GGUFError(f"unknown GGUF output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if outtype is None and not quants:
+        raise GGUFError("nothing to export: give an output type (--outtype) or quantization types (--quant)")
+    if quants:
+        _llama_cpp()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_type = outtype if outtype in ("f32", "f16", "bf16") or not quants else "f16"
+    report = progress or (lambda message, fraction: None)
+    written: list[Path] = []
+    base: Path | None = None
+    try:
+        base = out_dir / gguf_file_name(name, base_type)
+        report(f"converting to {base.name}", 0.0)
+        convert_folder(
+            model_dir, base, base_type, name=name, cancel=cancel,
+            progress=lambda done, total: report(f"converting to {base.name}", done / max(total, 1)),
+        )
+        keep_base = base_type == outtype
+        if keep_base:
+            written.append(base)
+        if outtype == "q8_0" and base_type != "q8_0":
+            quants = ["Q8_0", *[q for q in quants if q != "Q8_0"]]
+        for k, quant in enumerate(quants):
+            if cancel is not None and cancel():
+                raise CancelledError("GGUF export cancelled; its partial files were removed")
+            report(f"quantizing to {quant}", k / len(quants))
+            written.append(quantize_gguf(base, out_dir / gguf_file_name(name, quant), quant))
+        if not keep_base:
+            base.unlink()
+        final: list[Path] = []
+        for path in written:
+            final += split_gguf(path, split_max_size)
+        report("GGUF export done", 1.0)
+        return final
+    except BaseException:
+        for path in [*written, *([base] if base is not None else [])]:
+            path.unlink(missing_ok=True)
+        raise
