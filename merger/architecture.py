@@ -419,12 +419,17 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def inspect_local(folder: str | Path, *, ref: "ModelRef | str | None" = None, allow_bin: bool = False) -> ModelInfo:
-    """Inspect a local model folder: config.json and safetensors headers only (`.bin`: when allowed)."""
+def inspect_local(folder: str | Path, *, ref: "ModelRef | str | None" = None, allow_bin: bool = False,
+                  check_size: bool = True) -> ModelInfo:
+    """Inspect a local model folder: config.json and safetensors headers only (`.bin`: when allowed).
+
+    check_size=False (the pre-flight check) accepts header-only files; the merge itself always checks
+    that every tensor's bytes are in its file.
+    """
     folder = Path(folder)
     config = read_config(folder)
     if has_safetensors(folder) or not any(folder.glob("*.bin")):
-        headers = read_local_headers(folder)
+        headers = read_local_headers(folder, check_size=check_size)
     elif allow_bin:
         headers = BinReader(folder).headers
     else:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import architecture as arch
 from .architecture import ModelInfo, TensorRef
+from .card import ParentInfo, license_conflict, local_license
 from .errors import MergerError
 from .recipe import InputModel, ModelRef, Recipe
 
@@ -165,7 +166,8 @@ def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> I
     """Local folders through their headers, Hub repos through header-only Hub reads."""
     def inspect(ref: ModelRef) -> Inspection:
         if ref.local:
-            return Inspection(arch.inspect_local(ref.repo, ref=ref, allow_bin=allow_bin), "local", None)
+            info = arch.inspect_local(ref.repo, ref=ref, allow_bin=allow_bin, check_size=False)
+            return Inspection(info, "local", local_license(ref.repo))
         from .hub import fetch_model_metadata
 
         config, headers, access, license_ = fetch_model_metadata(ref, token)
@@ -200,6 +202,10 @@ def check_recipe(recipe: Recipe, *, inspect: Inspector | None = None, token: str
     if not any(p.severity == ERROR and "cannot be merged with" in p.message for p in problems):
         problems += _structure_problems(recipe, groups, models)
     problems += _tokenizer_problems(recipe, groups, models)
+    conflict = license_conflict([ParentInfo(str(ref), None, lic) for ref, lic in licenses.items() if lic])
+    if conflict:
+        problems.append(Problem(WARNING, conflict, "check that the licences allow merging and redistribution; "
+                                "the card will carry the most restrictive one"))
     reference = _reference(groups)
     if gguf and reference in models:
         problems += _gguf_problems(models[reference])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from . import architecture as arch
+from .card import RECIPE_FILE
 from .engine import MergePlan, MergeRunner, Progress, plan_merge
 from .errors import CancelledError, MergerError, ModelError
 from .output import commit_output, copy_tokenizer, ensure_output_free, prepare_output, write_json
@@ -22,7 +23,6 @@ from .recipe import ModelRef, Recipe
 from .sources import open_reader
 from .writer import DEFAULT_SHARD_SIZE, PlannedTensor, ShardedWriter
 
-RECIPE_FILE = "mergekit_config.yml"
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
 def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None = None,
         cancel: threading.Event | None = None) -> RunResult:
     """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure."""
-    from .card import GGUFFileInfo, ParentInfo, build_card
+    from .card import GGUFFileInfo, ParentInfo, build_card, local_license
 
     report = progress or (lambda event: None)
     if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
@@ -255,7 +255,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     local_recipe = recipe.with_models(local)
     local_folders = {local[ref]: folder for ref, folder in folders.items()}
     parents = [remotes[ref].parent_info() if ref in remotes else
-               ParentInfo(ref.display_name, None, _local_license(folders[ref]), local=True)
+               ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
                for ref in recipe.referenced_models()]
     output_name = options.push or options.out_dir.name
     ggufs: list[Path] = []
@@ -295,19 +295,6 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
         report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
     return result
-
-
-def _local_license(folder: Path) -> str | None:
-    """A local parent's licence from its README front matter, when it has one."""
-    readme = folder / "README.md"
-    if not readme.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard(readme.read_text(encoding="utf-8")).data.license
-    except Exception:  # a malformed card is not worth failing a merge over
-        return None
 
 
 def _verify(ggufs: list[Path], folder: Path, plan: MergePlan, report: EventCallback) -> dict[str, str]:

@@ -87,8 +87,12 @@ def parse_header_bytes(raw: bytes, file: str, data_start: int, file_size: int | 
     return out
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, TensorHeader]:
-    """Read only the header of one safetensors file (a few kB, never the tensor data)."""
+def read_safetensors_header(path: str | Path, *, check_size: bool = True) -> dict[str, TensorHeader]:
+    """Read only the header of one safetensors file (a few kB, never the tensor data).
+
+    check_size=False accepts a file that ends before its tensors do (a header-only file, as the
+    pre-flight check may see); reading tensors always checks.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -105,7 +109,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorHeader]:
         raise ModelError(f"weight file {path} is missing; download the model again") from None
     except IsADirectoryError:
         raise ModelError(f"{path} is a folder, not a safetensors file") from None
-    return parse_header_bytes(raw, path.name, 8 + length, size)
+    return parse_header_bytes(raw, path.name, 8 + length, size if check_size else None)
 
 
 def weight_files(folder: str | Path) -> list[str]:
@@ -128,7 +132,7 @@ def weight_files(folder: str | Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.safetensors"))
 
 
-def read_local_headers(folder: str | Path) -> dict[str, TensorHeader]:
+def read_local_headers(folder: str | Path, *, check_size: bool = True) -> dict[str, TensorHeader]:
     """Headers of every tensor in a local model folder (single file or sharded with an index)."""
     folder = Path(folder)
     files = weight_files(folder)
@@ -142,7 +146,7 @@ def read_local_headers(folder: str | Path) -> dict[str, TensorHeader]:
         if not (folder / name).exists():
             raise ModelError(f"{folder.name}: shard {name} listed in {INDEX_FILE} is missing; "
                              "download the model again")
-        for tname, h in read_safetensors_header(folder / name).items():
+        for tname, h in read_safetensors_header(folder / name, check_size=check_size).items():
             if tname in headers:
                 raise ModelError(f"{folder.name}: tensor {tname} appears in two shards; the model is corrupt")
             headers[tname] = h

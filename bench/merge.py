@@ -1,0 +1,144 @@
+"""Merge throughput and peak memory, side by side in one run: ours, mergekit's, and the I/O floor.
+
+    .venv/bin/python bench/merge.py [--layers 20] [--hidden 1536] [--vocab 32000] [--skip-mergekit]
+
+A synthetic fp16 Llama shape (default ~0.55B parameters) and two fine-tunes of it are generated; then
+linear (2 models) and ties (3 models) run with our CLI and with mergekit's, each in its own process
+(peak RSS from the kernel's rusage of that process), beside the I/O floor: reading every input
+tensor once and writing the output once with plain safetensors. Our run is repeated on a model with
+twice the layers to show that peak memory does not grow with model size. All inputs are in the page
+cache (they were just written), for every contender alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLOOR = """
+import sys, torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+inputs, out = sys.argv[1:-1], sys.argv[-1]
+result = {}
+handles = [safe_open(p, "pt") for p in inputs]
+for name in handles[0].keys():
+    tensors = [h.get_tensor(name) for h in handles]
+    result[name] = tensors[0]
+save_file(result, out)
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024**2
+
+
+def make_models(root: Path, layers: int, hidden: int, vocab: int) -> list[Path]:
+    import torch
+
+    from merger.tiny import make_tiny_model
+
+    base = make_tiny_model(root / "base", "llama", seed=1, num_layers=layers, hidden=hidden, vocab=vocab,
+                           dtype=torch.float16)
+    return [base] + [make_tiny_model(root / f"ft{i}", perturb_from=base, seed=10 + i) for i in (1, 2)]
+
+
+def recipes(models: list[Path], root: Path) -> dict[str, Path]:
+    base, a, b = models
+    texts = {
+        "linear": f"models:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n"
+                  f"    parameters: {{weight: 0.4}}\nmerge_method: linear\ndtype: float16\n",
+        "ties": f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {{density: 0.5, weight: 0.5}}\n"
+                f"  - model: {b}\n    parameters: {{density: 0.5, weight: 0.5}}\nmerge_method: ties\n"
+                f"base_model: {base}\nparameters: {{normalize: true}}\ndtype: float16\n",
+    }
+    out = {}
+    for name, text in texts.items():
+        out[name] = root / f"{name}.yml"
+        out[name].write_text(text)
+    return out
+
+
+def ours(recipe: Path, out: Path) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    return timed([sys.executable, "-m", "merger", "run", str(recipe), str(out), "--device", "cpu"])
+
+
+def theirs(recipe: Path, out: Path) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    return timed([str(Path(sys.executable).parent / "mergekit-yaml"), str(recipe), str(out),
+                  "--no-copy-tokenizer", "--quiet"])
+
+
+def floor(models: list[Path], out: Path) -> tuple[float, float]:
+    return timed([sys.executable, "-c", FLOOR, *[str(m / "model.safetensors") for m in models], str(out)])
+
+
+def params(folder: Path) -> float:
+    from merger.sources import read_local_headers
+
+    return sum(h.numel for h in read_local_headers(folder).values()) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--workdir", default=None, help="where to generate models (default: a temp folder)")
+    args = ap.parse_args()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="merge-bench-"))
+    try:
+        models = make_models(root / "m1", args.layers, args.hidden, args.vocab)
+        size = params(models[0])
+        rec = recipes(models, root)
+        rows = []
+        for method, inputs in (("linear", models[1:]), ("ties", models)):
+            f_s, f_rss = floor(inputs, root / "floor.safetensors")
+            o_s, o_rss = ours(rec[method], root / f"ours-{method}")
+            row = {"method": method, "floor_s": f_s, "ours_s": o_s, "ours_rss": o_rss, "floor_rss": f_rss}
+            if not args.skip_mergekit:
+                row["mk_s"], row["mk_rss"] = theirs(rec[method], root / f"mk-{method}")
+            rows.append(row)
+            shutil.rmtree(root / f"ours-{method}", ignore_errors=True)
+            shutil.rmtree(root / f"mk-{method}", ignore_errors=True)
+        shutil.rmtree(root / "m1")
+        big = make_models(root / "m2", args.layers * 2, args.hidden, args.vocab)
+        big_s, big_rss = ours(recipes(big, root)["ties"], root / "ours-big")
+        print(f"model: {size:.2f}B parameters fp16, {args.layers} layers, hidden {args.hidden}; "
+              f"CPU threads: {os.cpu_count()}")
+        print(f"{'method':8} {'I/O floor':>10} {'ours':>8} {'mergekit':>9} {'ours/floor':>11} {'ours/mk':>8} "
+              f"{'RSS ours':>9} {'RSS mk':>7} {'RSS ratio':>9}")
+        for r in rows:
+            mk, mk_rss = r.get("mk_s"), r.get("mk_rss")
+            cells = [f"{r['method']:8}", f"{r['floor_s']:9.1f}s", f"{r['ours_s']:7.1f}s",
+                     f"{mk:8.1f}s" if mk else f"{'-':>9}", f"{r['ours_s'] / r['floor_s']:10.2f}x",
+                     f"{r['ours_s'] / mk:7.2f}x" if mk else f"{'-':>8}", f"{r['ours_rss']:8.2f}G",
+                     f"{mk_rss:6.2f}G" if mk else f"{'-':>7}", f"{r['ours_rss'] / mk_rss:8.2f}x" if mk else f"{'-':>9}"]
+            print(" ".join(cells))
+        print(f"ties on {params(big[0]):.2f}B parameters (2x layers): ours {big_s:.1f}s, peak RSS {big_rss:.2f}G "
+              f"({big_rss / rows[1]['ours_rss']:.2f}x the RSS at 1x)")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
