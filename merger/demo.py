@@ -1,0 +1,457 @@
+"""The app's logic without the UI: settings, demo models, starting recipes, names, and report rendering.
+
+app.py only builds the Gradio page and wires events to these functions, so everything the page shows
+can be tested without a browser. Two modes: on a Space (SPACE_ID set) only Hub repos are accepted and
+each job runs in a temporary folder; locally the app works offline with tiny generated demo models
+and writes to ./outputs/<job>/.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import yaml
+
+from .check import GGUF_BITS, CheckReport
+from .errors import HubError, MergerError, RecipeError
+from .jobs import CANCELLED, FAILED, STAGES, Job, Snapshot
+from .methods import METHODS, REQUIRED, get_method
+from .pipeline import RunOptions
+from .recipe import Recipe, parse_model_ref, parse_recipe
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCAL_HOST, SPACE_HOST, PORT = "127.0.0.1", "0.0.0.0", 7860
+DEMO_MODELS = ("base", "chat", "code")  # a tiny Llama base and two "fine-tunes" of it
+DEFAULT_QUANTS = ("Q4_K_M",)
+
+# What each offered GGUF type is for; sizes are relative to the F16 file, from llama.cpp's bits per weight.
+GGUF_CHOICES: dict[str, str] = {
+    "Q4_K_M": "the usual choice: good quality for its size",
+    "Q5_K_M": "a little larger, closer to the original",
+    "Q6_K": "near-original quality",
+    "Q8_0": "practically lossless",
+    "Q3_K_M": "small, noticeably lower quality",
+    "Q2_K": "smallest, large quality loss",
+    "F16": "unquantized, for further conversion",
+}
+
+# Values written into a starting recipe for parameters that have no default.
+_SUGGESTED = {"t": 0.5, "density": 0.5}
+_NEARSWAP_T = 0.001
+_MODEL_LINE = re.compile(r"^(\s*(?:-\s+)?(?:model|base_model)\s*:\s*)([\"']?)([^\s\"'#]+)\2(\s*(?:#.*)?)$",
+                         re.MULTILINE)
+_METHOD_LINE = re.compile(r"^merge_method\s*:\s*([\"']?)([A-Za-z_]+)\1\s*(?:#.*)?$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where and how the app runs, decided once from the environment."""
+
+    space: bool
+    host: str
+    port: int
+    outputs_dir: Path
+    demo_dir: Path
+
+    @property
+    def allow_local(self) -> bool:
+        return not self.space
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None, root: Path = REPO_ROOT) -> Settings:
+    """Space mode when SPACE_ID is set (bind 0.0.0.0, Hub repos only), else local mode on 127.0.0.1."""
+    env = os.environ if environ is None else environ
+    space = bool(env.get("SPACE_ID"))
+    return Settings(space=space, host=SPACE_HOST if space else LOCAL_HOST,
+                    port=int(env.get("PORT") or env.get("GRADIO_SERVER_PORT") or PORT),
+                    outputs_dir=root / "outputs", demo_dir=root / "demo_models")
+
+
+def quiet_environment(environ: dict[str, str] | None = None) -> None:
+    """No analytics or telemetry requests from gradio or huggingface_hub (set before importing them)."""
+    env = os.environ if environ is None else environ
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+
+def ensure_demo_models(folder: Path) -> dict[str, Path]:
+    """The demo models, generated on first use (deterministic, so a rerun rewrites identical bytes)."""
+    from .tiny import make_tiny_model
+
+    paths = {name: folder / name for name in DEMO_MODELS}
+    if not all((p / "config.json").is_file() and (p / "model.safetensors").is_file() for p in paths.values()):
+        make_tiny_model(paths["base"], "llama", seed=1)
+        for i, name in enumerate(DEMO_MODELS[1:]):
+            make_tiny_model(paths[name], perturb_from=paths["base"], seed=10 + i, perturb_scale=0.05)
+    return paths
+
+
+# ---------------------------------------------------------------- models box <-> recipe
+
+def parse_model_list(text: str, *, allow_local: bool) -> list[str]:
+    """The models box: one Hub repo ID (optionally @revision) per line; blank lines and # comments skipped."""
+    models = []
+    for i, line in enumerate((text or "").splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        parse_model_ref(item, f"models box, line {i}", allow_local=allow_local)
+        if item not in models:
+            models.append(item)
+    return models
+
+
+def recipe_models(text: str) -> list[str]:
+    """Models named in a recipe text, in order of first appearance (works on YAML that does not parse)."""
+    out: list[str] = []
+    for m in _MODEL_LINE.finditer(text or ""):
+        if m.group(3) not in out:
+            out.append(m.group(3))
+    return out
+
+
+def recipe_method(text: str) -> str | None:
+    """The merge_method of a recipe text, when it names a known method."""
+    m = _METHOD_LINE.search(text or "")
+    return m.group(2) if m and m.group(2) in METHODS else None
+
+
+def substitute_models(text: str, models: Sequence[str]) -> str:
+    """The recipe with its k-th distinct model replaced by models[k] (formatting and parameters kept)."""
+    mapping = dict(zip(recipe_models(text), models))
+    return _MODEL_LINE.sub(lambda m: f"{m.group(1)}{m.group(2)}{mapping.get(m.group(3), m.group(3))}"
+                                     f"{m.group(2)}{m.group(4)}", text)
+
+
+def _layer_count(model: str, token: str | None) -> int:
+    """num_hidden_layers of a local folder or a Hub model (its config.json only)."""
+    ref = parse_model_ref(model, "model", allow_local=True)
+    if ref.local:
+        config = json.loads((Path(ref.repo) / "config.json").read_text(encoding="utf-8"))
+    else:
+        from huggingface_hub import hf_hub_download
+
+        from .hub import hub_endpoint
+
+        try:
+            path = hf_hub_download(ref.repo, "config.json", revision=ref.revision, token=token or False,
+                                   endpoint=hub_endpoint())
+        except Exception as e:  # any Hub failure: the picker needs one line, not a traceback
+            raise HubError(f"could not read config.json of {ref} ({type(e).__name__}); check the name, "
+                           "or sign in for a gated or private model") from None
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise RecipeError(f"{model}'s config.json has no layer count; write the slices' layer_range by hand")
+
+
+def starting_recipe(models: Sequence[str], method: str, *, token: str | None = None) -> str:
+    """A valid first recipe for these models and method: the first model is the base where one is used."""
+    spec = get_method(method)
+    n = len(models)
+    if n == 0:
+        raise RecipeError("add at least one model (a Hub repo ID per line) first")
+    if method == "passthrough":
+        return _frankenmerge(models, token)
+    lo, hi = spec.min_models, spec.max_models
+    if n < lo or (hi is not None and n > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise RecipeError(f"{method} merges {want} models and the box has {n}; add or remove models")
+    base = models[0] if spec.base == "required" else None
+    required = [p for p in spec.params if p.per_model and p.default is REQUIRED]
+    has_density = any(p.name == "density" for p in spec.params)
+    shared = {p.name: (_NEARSWAP_T if method == "nearswap" else _SUGGESTED.get(p.name, 0.5))
+              for p in spec.params if not p.per_model and p.default is REQUIRED}
+    entries = []
+    for m in models:
+        takes = [p for p in required if m != base or not p.non_base]
+        weighted = [x for x in models if x != base or not all(p.non_base for p in required)]
+        params: dict[str, float] = {p.name: round(1 / len(weighted), 3) if p.name == "weight" else 1.0
+                                    for p in takes}
+        if has_density and m != base:
+            params["density"] = _SUGGESTED["density"]
+        entries.append({"model": m, **({"parameters": params} if params else {})})
+    data: dict[str, Any] = {"models": entries, "merge_method": method}
+    if base is not None:
+        data["base_model"] = base
+    if shared:
+        data["parameters"] = shared
+    data["dtype"] = "float16"
+    return _dump(data)
+
+
+def _frankenmerge(models: Sequence[str], token: str | None) -> str:
+    """Passthrough: the first half of the first model's layers, then each next model's second half."""
+    slices = []
+    for i, m in enumerate(models):
+        layers = _layer_count(m, token)
+        start, end = (0, layers // 2 + layers % 2) if i == 0 else (layers // 4, layers)
+        slices.append({"sources": [{"model": m, "layer_range": [start, end]}]})
+    return _dump({"slices": slices, "merge_method": "passthrough", "dtype": "float16"})
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block style for structure, flow style for short number lists (layer ranges, gradients)."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)  # indent list items under their key, as the examples do
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(v, (int, float)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def _dump(data: Mapping[str, Any]) -> str:
+    return yaml.dump(dict(data), Dumper=_RecipeDumper, sort_keys=False, indent=2, width=100)
+
+
+def sync_models_into_recipe(text: str, models: Sequence[str], method: str, *, token: str | None = None) -> str:
+    """After the models box changed: substitute in place when the counts match, else start afresh."""
+    if models and len(recipe_models(text)) == len(models):
+        return substitute_models(text, models)
+    return starting_recipe(models, recipe_method(text) or method, token=token)
+
+
+def models_for_method(models: Sequence[str], method: str) -> list[str]:
+    """The first models up to the method's maximum (SLERP takes two of the three demo models)."""
+    limit = get_method(method).max_models
+    return list(models[:limit] if limit and method != "passthrough" else models)
+
+
+def gallery_recipe(text: str, models: Sequence[str]) -> str:
+    """A gallery recipe with the user's models put in, when the box has enough of them."""
+    return substitute_models(text, models) if len(models) >= len(recipe_models(text)) else text
+
+
+# ---------------------------------------------------------------- names and options
+
+def _short_name(model: str) -> str:
+    name = model.split("@")[0].rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def default_repo_name(text: str, username: str | None = None) -> str:
+    """`user/<parent>-<parent>-<method>`: a Hub-valid name that says what went in and how."""
+    method = recipe_method(text) or "merge"
+    parts = list(dict.fromkeys(_short_name(m) for m in recipe_models(text)))[:3]
+    name = re.sub(r"-{2,}", "-", "-".join([*parts, method.replace("_", "-")]))
+    name = re.sub(r"\.{2,}", ".", name)[:96].rstrip("-.")
+    return f"{username}/{name}" if username else name
+
+
+def gguf_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs for the GGUF picker: each type with its size relative to F16 and its use."""
+    return [(f"{t}: ~{GGUF_BITS[t] / 16:.0%} of F16 size, {use}", t) for t, use in GGUF_CHOICES.items()]
+
+
+def publish_target(name: str, token: str | None) -> str:
+    """`namespace/name`: a bare name is put under the token's account (asked of the Hub)."""
+    name = name.strip()
+    if "/" in name:
+        return name
+    if not token:
+        raise HubError("publishing needs you to sign in with Hugging Face (locally: set HF_TOKEN)")
+    from huggingface_hub import HfApi
+
+    from .hub import hub_endpoint
+
+    try:
+        user = HfApi(endpoint=hub_endpoint()).whoami(token=token)["name"]
+    except Exception as e:  # the token is never part of the message
+        raise HubError(f"could not ask the Hub who you are ({type(e).__name__}); sign in again") from None
+    return f"{user}/{name}"
+
+
+# ---------------------------------------------------------------- rendering
+
+def _cell(text: Any) -> str:
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
+
+
+def render_check(report: CheckReport) -> str:
+    """The pre-flight report as Markdown: verdict, models table, problems with fixes, estimates."""
+    d = report.as_dict()
+    verdict = "✓ **OK**: the merge can run" if d["ok"] else "✗ **Not mergeable**: fix the errors below"
+    lines = [f"### Check: {verdict}", "", f"Method `{d['method']}`, {len(d['models'])} model(s).", ""]
+    if d["models"]:
+        lines += ["| model | architecture | layers | hidden | vocab | dtype | parameters | access |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in d["models"]:
+            lines.append("| " + " | ".join(_cell(m.get(k, "")) for k in (
+                "ref", "architecture", "layers", "hidden_size", "vocab_size", "dtype", "parameters", "access"))
+                + " |")
+        lines.append("")
+    if d["problems"]:
+        lines += ["| severity | problem | fix |", "|---|---|---|"]
+        order = ("error", "warning", "note")
+        for p in sorted(d["problems"], key=lambda p: order.index(p["severity"])):
+            lines.append(f"| {p['severity']} | {_cell(p['message'])} | {_cell(p['fix'] or '-')} |")
+    else:
+        lines.append("No problems found.")
+    if d["estimates"]:
+        e = d["estimates"]
+        lines += ["", f"Download {human_bytes(e['download_bytes'])} · output {human_bytes(e['output_bytes'])}"
+                      f" · GGUF {human_bytes(e['gguf_bytes'])} · disk peak {human_bytes(e['disk_bytes'])}"
+                      f" · RAM {human_bytes(max(e['merge_ram_bytes'], e['gguf_ram_bytes']))}"]
+    return "\n".join(lines)
+
+
+def render_error(error: BaseException) -> str:
+    """A user's mistake as one line (MergerError); anything else says it is a bug, without internals."""
+    if isinstance(error, MergerError):
+        return f"✗ {error}"
+    return f"✗ internal error ({type(error).__name__}); please report it with your recipe"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ---------------------------------------------------------------- jobs
+
+def resolve_token(settings: Settings, oauth_token: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The user's token: from OAuth; locally (no OAuth) from HF_TOKEN. A Space never uses its own token."""
+    if oauth_token:
+        return oauth_token
+    if settings.space:
+        return None
+    env = os.environ if environ is None else environ
+    return env.get("HF_TOKEN") or None
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything a merge job needs, validated before it takes its place in the queue."""
+
+    recipe: Recipe
+    options: RunOptions
+    job_dir: Path  # the job's own folder, holding options.out_dir
+    keep: bool  # keep the output after success (local mode); a Space removes it after the push
+
+
+def job_request(settings: Settings, text: str, repo_name: str, *, private: bool, publish: bool,
+                quants: Sequence[str], token: str | None, job_id: str) -> JobRequest:
+    """Parse and decide where the job writes: ./outputs/<job>/<name> locally, a temp folder on a Space."""
+    import tempfile
+
+    recipe = parse_recipe(text, allow_local=settings.allow_local)
+    unknown = [q for q in quants if q not in GGUF_CHOICES]
+    if unknown:
+        raise RecipeError(f"unknown GGUF type(s) {', '.join(unknown)}; choose from {', '.join(GGUF_CHOICES)}")
+    if settings.space and not publish:
+        raise HubError("on this Space a merge is kept only by publishing it: tick 'Publish' and sign in")
+    if publish and not token:
+        raise HubError("publishing needs you to sign in with Hugging Face"
+                       + ("" if settings.space else " (locally: set HF_TOKEN before starting the app)"))
+    name = (repo_name or "").strip() or default_repo_name(text)
+    push = publish_target(name, token) if publish else None
+    if push:
+        from .hub import validate_repo_id
+
+        validate_repo_id(push)
+    if settings.space:
+        job_dir = Path(tempfile.mkdtemp(prefix=f"merge-{job_id}-"))
+    else:
+        job_dir = settings.outputs_dir / job_id
+    options = RunOptions(out_dir=job_dir / _short_name(name), gguf=tuple(quants), push=push, token=token,
+                         private=private, allow_local=settings.allow_local)
+    return JobRequest(recipe, options, job_dir, keep=not settings.space)
+
+
+def follow(job: Job, interval: float = 0.25) -> Iterator[Snapshot]:
+    """Snapshots of a job whenever it changed, ending with the finished one."""
+    last = None
+    while True:
+        finished = job.wait(interval)
+        snap = job.snapshot()
+        if snap != last:
+            yield snap
+            last = snap
+        if finished:
+            return
+
+
+def render_progress(snap: Snapshot) -> str:
+    """The progress panel: stage k of n, a bar, bytes and ETA, and the latest message."""
+    stage = snap.stage
+    if stage in STAGES:
+        head = f"Step {STAGES.index(stage) + 1}/{len(STAGES)}: {stage}, {snap.fraction:.0%}"
+    else:
+        head = {"queued": "Waiting for its turn in the queue", "done": "Done", "failed": "Failed",
+                "cancelled": "Cancelled"}.get(stage, stage)
+    extra = []
+    if snap.bytes_total:
+        extra.append(f"{human_bytes(snap.bytes_done)} / {human_bytes(snap.bytes_total)}")
+    if snap.eta_seconds is not None:
+        extra.append(f"about {human_seconds(snap.eta_seconds)} left")
+    line = " · ".join([head, *extra])
+    return (f'<div class="merge-progress" data-status="{snap.status}" data-stage="{html.escape(stage)}" '
+            f'data-fraction="{snap.fraction:.3f}"><div class="merge-progress-head">{html.escape(line)}</div>'
+            f'<progress max="1" value="{snap.fraction:.3f}"></progress>'
+            f'<div class="merge-progress-msg">{html.escape(snap.message)}</div></div>')
+
+
+def render_log(snap: Snapshot) -> str:
+    return "\n".join(snap.log)
+
+
+def render_outcome(snap: Snapshot) -> str:
+    """The result panel: links to pushed repos, where the files are, their sizes, the GGUF sanity checks."""
+    if snap.status == CANCELLED:
+        return "Cancelled: nothing was kept."
+    if snap.status == FAILED:
+        return f"✗ {snap.error}"
+    o = snap.outcome
+    if o is None:
+        return ""
+    lines = [f"### ✓ Merged in {o.seconds:.1f} s", ""]
+    lines += [f"Published: [{url}]({url})" for url in o.pushed]
+    if o.out_dir is not None:
+        lines.append(f"Files in `{o.out_dir}`:")
+    lines += ["", "| file | size |", "|---|---|"]
+    lines += [f"| `{_cell(name)}` | {human_bytes(size)} |" for name, size in o.files]
+    if o.sanity:
+        lines += ["", "**GGUF sanity checks** (logits vs the merged model, perplexity, a sample generation)", "",
+                  "| file | result |", "|---|---|"]
+        lines += [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in o.sanity.items()]
+    if o.warnings:
+        lines += ["", *[f"- ⚠ {_cell(w)}" for w in o.warnings]]
+    return "\n".join(lines)
+
+
+def card_markdown(card: str) -> str:
+    """A model card for display: its YAML front matter as a code block, then the card body."""
+    m = re.match(r"^---\n(.*?)\n---\n?", card, re.DOTALL)
+    if not m:
+        return card
+    return f"```yaml\n{m.group(1)}\n```\n\n{card[m.end():]}"
+
+
+def recipe_status(text: str, *, allow_local: bool) -> str:
+    """The line under the editor: what the recipe merges, or the one-line error that stops it."""
+    try:
+        recipe = parse_recipe(text, allow_local=allow_local)
+    except MergerError as e:
+        return render_error(e)
+    n = len(recipe.referenced_models())
+    return f"✓ valid recipe: `{recipe.method}` of {n} model(s); press **Check** to inspect the models"

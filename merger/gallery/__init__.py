@@ -1,0 +1,94 @@
+"""The recipe gallery shipped with the app, and recipes read from merged models on the Hub.
+
+The gallery is data (index.yml + one YAML recipe per entry) kept inside the package, so the Space
+needs nothing outside the repository. A merged model on the Hub usually carries its recipe either as
+`mergekit_config.yml` or as a ```yaml block in its README; both are read with huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from ..errors import HubError, RecipeError
+from ..recipe import parse_model_ref
+
+GALLERY_DIR = Path(__file__).resolve().parent
+RECIPE_FILE = "mergekit_config.yml"
+_YAML_FENCE = re.compile(r"^```ya?ml[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    """One example recipe: its file name (the key), a short title and when to use it."""
+
+    key: str
+    title: str
+    when: str
+    text: str
+
+
+@lru_cache(maxsize=1)
+def load_gallery() -> tuple[GalleryEntry, ...]:
+    """Every gallery entry in display order (read once; the files ship with the package)."""
+    index = yaml.safe_load((GALLERY_DIR / "index.yml").read_text(encoding="utf-8"))
+    return tuple(GalleryEntry(item["file"], item["title"], item["when"],
+                              (GALLERY_DIR / item["file"]).read_text(encoding="utf-8")) for item in index)
+
+
+def gallery_entry(key: str) -> GalleryEntry:
+    """The entry with this file name; a RecipeError lists the valid ones."""
+    for entry in load_gallery():
+        if entry.key == key:
+            return entry
+    raise RecipeError(f"there is no gallery recipe '{key}'; choose one of "
+                      + ", ".join(e.key for e in load_gallery()))
+
+
+def recipe_in_readme(readme: str) -> str | None:
+    """The first ```yaml block of a model card that looks like a merge recipe (has merge_method)."""
+    for block in _YAML_FENCE.findall(readme):
+        try:
+            data = yaml.safe_load(block)
+        except yaml.YAMLError:
+            continue
+        if isinstance(data, dict) and "merge_method" in data:
+            return block
+    return None
+
+
+def recipe_from_hub(repo: str, *, token: str | None = None) -> str:
+    """The recipe a merged Hub model was made from: its mergekit_config.yml, else the README's YAML block."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from ..hub import hub_endpoint
+
+    ref = parse_model_ref(repo, "the model to read a recipe from", allow_local=False)
+    api = HfApi(endpoint=hub_endpoint(), token=token or False)
+    try:
+        files = set(api.list_repo_files(ref.repo, revision=ref.revision, token=token or False))
+        for name in (RECIPE_FILE, "README.md"):
+            if name not in files:
+                continue
+            path = hf_hub_download(ref.repo, name, revision=ref.revision, token=token or False,
+                                   endpoint=hub_endpoint())
+            text = Path(path).read_text(encoding="utf-8")
+            found = text if name == RECIPE_FILE else recipe_in_readme(text)
+            if found:
+                return found
+    except GatedRepoError:
+        raise HubError(f"{ref} is gated; accept its conditions on its Hub page and sign in") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"model {ref} was not found (or is private); check the name, or sign in") from None
+    except RevisionNotFoundError:
+        raise HubError(f"{ref} has no revision '{ref.revision}'; check the branch, tag or commit") from None
+    except (EntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise HubError(f"could not read {ref} from the Hub ({type(e).__name__}); try again later") from None
+    raise HubError(f"{ref} has neither {RECIPE_FILE} nor a YAML recipe block in its README; "
+                   "it may not be a merge, or its recipe is not published")
