@@ -735,3 +735,34 @@ def test_ties_zero_sum_elects_positive_sign(models):
     delta = _randn(12, scale=0.3)
     got = merge("ties", [base, delta, -delta], 0, {}, per_model(0, 3, weight=(0.5, 0.5)))
     assert torch.equal(got, delta.abs())
+
+
+@pytest.mark.parametrize("kind", ["normal", "fp16-ties", "constant", "sorted", "two-values"])
+@pytest.mark.parametrize("q", [1e-6, 0.2, 0.5, 0.97, 1.0])
+def test_bracketed_selection_equals_a_full_kthvalue(kind: str, q: float) -> None:
+    """The sampled bracket is only a shortcut: the k-th value is exactly torch.kthvalue's."""
+    from merger.methods.sparsify import kth_smallest
+
+    g = torch.Generator().manual_seed(3)
+    n = 2_000_003
+    flat = {
+        "normal": lambda: torch.randn(n, generator=g),
+        "fp16-ties": lambda: torch.randn(n, generator=g).half().float().abs(),
+        "constant": lambda: torch.full((n,), 0.25),
+        "sorted": lambda: torch.linspace(-1, 1, n),
+        "two-values": lambda: (torch.rand(n, generator=g) < 0.5).float(),
+    }[kind]()
+    k = max(1, int(q * n))
+    assert kth_smallest(flat, k) == torch.kthvalue(flat, k).values
+
+
+def test_smallest_mask_on_a_large_tied_tensor_matches_a_stable_sort() -> None:
+    from merger.methods.sparsify import smallest_mask
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(1_500, 1_400, generator=g).half().float().abs()  # many exact ties
+    k = scores.numel() // 3
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
+    mask = smallest_mask(scores, k)
+    assert int(mask.sum()) == k and torch.equal(mask.reshape(-1), expected)

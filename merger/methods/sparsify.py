@@ -22,11 +22,38 @@ Uniform = Callable[[torch.Size, torch.device], torch.Tensor]
 _NORM_FLOOR = 1e-7  # below this L1 norm a rescale would only amplify noise (mergekit's guard)
 
 
+_SAMPLE = 65_536  # entries sampled to bracket the k-th value before the exact selection
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a 1-D tensor, exactly.
+
+    A full selection is single-threaded and dominates TIES on large tensors, so a fixed pseudo-random
+    sample first brackets the answer; the exact selection then runs only on the entries inside the
+    bracket. When the bracket misses (it cannot be wrong, only unlucky) the full selection runs.
+    """
+    n = flat.numel()
+    if n > 16 * _SAMPLE:
+        picks = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n + k)).to(flat.device)
+        sample = flat[picks]
+        q = k / n
+        margin = int(6 * (_SAMPLE * q * (1 - q)) ** 0.5) + 16
+        centre = int(q * _SAMPLE)
+        lo = torch.kthvalue(sample, max(1, centre - margin)).values
+        hi = torch.kthvalue(sample, min(_SAMPLE, centre + margin)).values
+        below = int(torch.count_nonzero(flat < lo))
+        if below < k:
+            band = flat[(flat >= lo) & (flat <= hi)]
+            if below + band.numel() >= k:
+                return torch.kthvalue(band, k - below).values
+    return torch.kthvalue(flat, k).values
+
+
 def smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the `k` smallest entries of `scores`.
 
     Ties at the threshold go to the lower flat index, so the selection is one total order on every
-    device. Uses a selection (kthvalue), not a sort: linear time, and no int64 index per element.
+    device. Uses a selection (bracketed kthvalue), not a sort: linear time, no int64 index per element.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -34,11 +61,12 @@ def smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, k).values
-    mask = flat < threshold
-    missing = k - int(mask.sum())
-    ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-    mask[ties] = True
+    threshold = kth_smallest(flat, k)
+    mask = flat <= threshold
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra > 0:  # more entries equal the threshold than fit: drop the ties with the highest indices
+        ties = torch.nonzero(flat == threshold).squeeze(1)
+        mask[ties[ties.numel() - extra:]] = False
     return mask.reshape(scores.shape)
 
 

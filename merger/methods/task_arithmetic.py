@@ -93,7 +93,7 @@ def erase_disagreeing_(vectors: torch.Tensor) -> torch.Tensor:
     """
     positive = vectors.sum(dim=0) >= 0
     for row in vectors:
-        row.mul_(torch.where(positive, row > 0, row < 0))
+        row.masked_fill_((row > 0) != positive, 0)  # zero entries are unchanged by the fill
     return vectors
 
 
