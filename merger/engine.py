@@ -296,6 +296,8 @@ class MergeRunner:
         self.progress = progress
         self._cancel = cancel
         self.compute_dtype = TORCH_DTYPES[RECIPE_TO_SAFETENSORS[plan.recipe.dtype]] if plan.recipe.dtype else None
+        self._inputs: list[torch.Tensor] = []
+        self._outputs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
 
     def cancelled(self) -> bool:
         c = self._cancel
@@ -320,7 +322,7 @@ class MergeRunner:
                     raise CancelledError("the merge was cancelled")
                 raw = pending.result()
                 pending = reads.submit(self._read, outputs[i + 1]) if i + 1 < len(outputs) else None
-                result = self.compute(out, raw).cpu()
+                result = self.compute(out, raw, slot=i % 2)
                 if written is not None:
                     written.result()
                 written = writes.submit(self._emit, sinks, out.name, result)
@@ -338,29 +340,51 @@ class MergeRunner:
         if self.progress:
             self.progress(Progress(stage, done, len(self.plan.outputs), bytes_done, self.plan.total_bytes, message))
 
-    def compute(self, out: PlannedOutput, raw: list[torch.Tensor | None]) -> torch.Tensor:
-        """One output tensor from its raw inputs (already read), in the output dtype."""
+    def compute(self, out: PlannedOutput, raw: list[torch.Tensor | None], slot: int = 0) -> torch.Tensor:
+        """One output tensor from its raw inputs (already read), in the output dtype, on the CPU.
+
+        Inputs are converted into reused fp32 workspaces and results cast into a ring of two reused
+        output buffers (one being written while the next is computed): fresh multi-hundred-MB
+        allocations cost more in page faults than the arithmetic itself.
+        """
         out_dtype = TORCH_DTYPES[out.dtype]
         if not out.merge:
             first = next(x for x in raw if x is not None)
             if out.rows is not None:
                 first = first[: out.rows]
-            return first.to(out_dtype) if first.dtype != out_dtype else first
+            _check_finite(out.name, first, out_dtype)
+            return self._output(first, out_dtype, slot)
         tensors = []
-        for x in raw:
-            x = x.to(self.device, non_blocking=True)
+        for i, x in enumerate(raw):
+            raw[i] = None  # drop the stored-dtype copy as soon as its fp32 copy exists
             if self.compute_dtype is not None and x.dtype != self.compute_dtype:
                 x = x.to(self.compute_dtype)  # mergekit loads inputs in `dtype`, then computes in fp32
-            tensors.append(x.float())
-        if out.rows is not None:
-            tensors = [x[: out.rows] for x in tensors]
+            if out.rows is not None:
+                x = x[: out.rows]
+            tensors.append(self._workspace(i, x.shape).copy_(x, non_blocking=True))
         if out.vocab is not None:
             tensors = _gather_vocab(tensors, out.vocab)
         result = self._merge(out, tensors)
-        if not torch.isfinite(result).all():
-            raise ModelError(f"the merge produced NaN or Inf values in {out.name}; check the inputs for "
-                             "NaN/Inf weights and the recipe's parameters")
-        return result.to(out_dtype)
+        del tensors
+        _check_finite(out.name, result, out_dtype)
+        return self._output(result, out_dtype, slot)
+
+    def _workspace(self, index: int, shape: torch.Size) -> torch.Tensor:
+        """A reused fp32 buffer on the device for input `index`, viewed as `shape`."""
+        n = math.prod(shape)
+        while len(self._inputs) <= index:
+            self._inputs.append(torch.empty(0, dtype=torch.float32, device=self.device))
+        if self._inputs[index].numel() < n:
+            self._inputs[index] = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._inputs[index][:n].view(shape)
+
+    def _output(self, tensor: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
+        """`tensor` cast to `dtype` into CPU output buffer `slot` (the writer may still hold the other)."""
+        nbytes = tensor.numel() * torch.empty(0, dtype=dtype).element_size()
+        if self._outputs[slot].numel() < nbytes:
+            self._outputs[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        view = self._outputs[slot][:nbytes].view(dtype).view(tensor.shape)
+        return view.copy_(tensor)
 
     def _merge(self, out: PlannedOutput, tensors: list[torch.Tensor]) -> torch.Tensor:
         method = self.plan.method
@@ -384,6 +408,21 @@ class MergeRunner:
             generator.manual_seed(tensor_seed(self.seed, out.name))
         return method.merge(MergeInputs(tensors=tensors, base_index=out.base_index, model_params=per_model,
                                         params=shared, name=out.name, generator=generator))
+
+
+def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> None:
+    """Refuse to write NaN/Inf, whether copied from an input, made by the merge, or made by the cast.
+
+    One cheap reduction (min and max propagate NaN) instead of an element-wise scan; values beyond
+    the output dtype's range would become Inf in the cast, so they are refused too.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(tensor.reshape(-1)))
+    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else math.inf
+    if not (math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit):
+        raise ModelError(f"the merge produced NaN or Inf values in {name}; check the inputs for NaN/Inf weights "
+                         "and the recipe's parameters (values beyond the output dtype's range become Inf)")
 
 
 def _gather_vocab(tensors: list[torch.Tensor], vocab: VocabMap) -> list[torch.Tensor]:
