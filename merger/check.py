@@ -282,6 +282,12 @@ def _model_problems(info: ModelInfo) -> list[Problem]:
     if info.vocab_size is not None and info.embedding_rows is not None and info.vocab_size != info.embedding_rows:
         out.append(Problem(NOTE, f"{name}: config vocab_size is {info.vocab_size} but the embedding has "
                                  f"{info.embedding_rows} rows; the rows are what is merged"))
+    embedding = info.tensors.get(info.family.embedding) if info.family else None
+    if embedding is not None and info.hidden_size and len(embedding.shape) == 2 \
+            and embedding.shape[1] != info.hidden_size:
+        out.append(Problem(ERROR, f"{name}: config hidden_size is {info.hidden_size} but {info.family.embedding} "
+                                  f"is {embedding.shape[1]} wide; the config does not match the weights",
+                           "use the config.json that came with the weights"))
     if any(f.endswith(".bin") for f in info.files):
         out.append(Problem(NOTE, f"{name} has pickle .bin weights; they are read with torch's weights-only loader"))
     return out

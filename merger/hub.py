@@ -46,7 +46,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from .card import RECIPE_FILE, TOOL_TAG, GGUFFileInfo, ParentInfo, build_gguf_card
-from .errors import HubError, ModelError
+from .errors import HubError, MergerError, ModelError
 from .output import TOKENIZER_FILES
 from .recipe import ModelRef, parse_model_ref
 from .sources import (INDEX_FILE, MAX_HEADER_BYTES, SINGLE_FILE, TensorHeader, parse_header_bytes,
@@ -220,7 +220,7 @@ def suggest_repos(repo_id: str, *, token: str | None = None, limit: int = 3) -> 
 def validate_repo_id(repo_id: str) -> None:
     """Refuse names the Hub would refuse, before anything is created."""
     namespace, sep, name = repo_id.partition("/")
-    ok = (sep and _REPO_NAME.match(namespace) and _REPO_NAME.match(name) and "--" not in repo_id
+    ok = (sep and _REPO_NAME.fullmatch(namespace) and _REPO_NAME.fullmatch(name) and "--" not in repo_id
           and ".." not in repo_id and not name.endswith((".", "-", ".git")))
     if not ok:
         raise HubError(f"'{repo_id}' is not a valid repository name: use 'namespace/name' with letters, digits, "
@@ -331,7 +331,7 @@ def _publish(api: HfApi, repo_id: str, uploads: list[tuple[str, Path]], *, token
     except Exception as e:
         if created:
             _delete_quietly(api, repo_id)
-        if isinstance(e, (HubError, ModelError)):
+        if isinstance(e, MergerError):  # ours already (a cancel from the progress callback included)
             raise
         raise _hub_error(e, repo_id, token=token, verb="upload to",
                          after=" (the new repository was deleted again)" if created else "") from None
@@ -515,7 +515,7 @@ def _call(operation: Callable[[], T], *, repo_id: str | None, token: str | None,
         except Exception as e:
             if reraise is not None and isinstance(e, reraise) and not isinstance(e, GatedRepoError):
                 raise
-            if isinstance(e, (HubError, ModelError)):
+            if isinstance(e, MergerError):  # ours already: a cancel from a progress callback is not a Hub failure
                 raise
             wait = _transient_wait(e)
             if wait is None or not delays:

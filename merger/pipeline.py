@@ -286,12 +286,18 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     if options.push:
         from .hub import push_folder
 
-        _cancelled(cancel)
-        pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
-                             overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
-                             gguf_repo=None if options.gguf_repo else options.push,
-                             progress=lambda done, total: report(Event("upload", done / total if total else 0.0,
-                                                                       options.push, done, total or 0)))
+        def on_upload(done: int, total: int | None) -> None:
+            report(Event("upload", done / total if total else 0.0, options.push, done, total or 0))
+            _cancelled(cancel)  # raised inside push_folder, which deletes a repo it created
+
+        try:
+            _cancelled(cancel)
+            pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
+                                 overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
+                                 gguf_repo=None if options.gguf_repo else options.push, progress=on_upload)
+        except CancelledError:
+            shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
+            raise
         result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
         report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
     return result

@@ -22,6 +22,7 @@ from .errors import RecipeError
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_DEPTH = 64
 MAX_YAML_NODES = 100_000
+MAX_MODELS = 64  # distinct models in one recipe: far above real merges, bounds Hub requests per check
 
 DTYPES = {
     "float16": "float16", "fp16": "float16", "half": "float16",
@@ -88,17 +89,13 @@ class Recipe:
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe needs, base first, each once, in order of appearance."""
-        refs: list[ModelRef] = []
         candidates: list[ModelRef | None] = [self.base_model]
         candidates += [m.model for m in self.models]
         for s in self.slices or ():
             candidates += [s.base_model] + [src.model for src in s.sources]
         if isinstance(self.tokenizer_source, ModelRef):
             candidates.append(self.tokenizer_source)
-        for ref in candidates:
-            if ref is not None and ref not in refs:
-                refs.append(ref)
-        return refs
+        return list(dict.fromkeys(ref for ref in candidates if ref is not None))  # stays linear for 10^4 entries
 
     @property
     def output_dtype(self) -> str | None:
@@ -129,9 +126,14 @@ class _LimitedLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
         self._depth += 1
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:  # stop composing early: a 1 MiB flow list takes ~10 s otherwise
+            raise RecipeError(f"the recipe has more than {MAX_YAML_NODES} YAML values; "
+                              "a merge recipe is a few lines of YAML")
         if self._depth > MAX_YAML_DEPTH:
             raise RecipeError(f"the recipe is nested more than {MAX_YAML_DEPTH} levels deep; "
                               "flatten it to the mergekit schema")
@@ -173,8 +175,9 @@ def load_yaml(text: str) -> Any:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
         raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; "
                           "a merge recipe is a few lines of YAML")
-    loader = _LimitedLoader(text)
+    loader = None
     try:
+        loader = _LimitedLoader(text)  # the reader rejects control characters here, as a YAMLError
         node = loader.get_single_node()
         if node is None:
             return None
@@ -195,12 +198,20 @@ def load_yaml(text: str) -> Any:
         raise RecipeError(f"the recipe is not valid YAML: {where}{_one_line(problem)}") from None
     except RecursionError:
         raise RecipeError("the recipe is nested too deeply; flatten it to the mergekit schema") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int() limit)
+        raise RecipeError(f"the recipe has a value that cannot be read ({_one_line(e)[:80]}); "
+                          "write numbers with at most a few dozen digits") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())[:200]
+    try:
+        shown = str(text)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        shown = "an integer too long to print"
+    return " ".join(shown.split())[:200]
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -253,10 +264,10 @@ def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path
             path = base_dir / path
         return ModelRef(str(path.resolve()), None, True)
     repo, _, revision = text.partition("@")
-    if not _HUB_ID.match(repo) or ".." in repo or repo.endswith((".git", ".")):
+    if not _HUB_ID.fullmatch(repo) or ".." in repo or repo.endswith((".git", ".")):  # fullmatch: no "\n" before $
         raise RecipeError(f"{where}: '{_short(text)}' is not a Hub repo ID (expected 'org/name' or "
                           "'org/name@revision') nor an existing local model folder")
-    if "@" in text and not _REVISION.match(revision):
+    if "@" in text and not _REVISION.fullmatch(revision):
         raise RecipeError(f"{where}: revision '{_short(revision)}' is not a valid branch, tag or commit")
     return ModelRef(repo, revision or None, False)
 
@@ -301,7 +312,7 @@ def _validate_setting(where: str, setting: Any, param: Any) -> None:
 def _validate_scalar(where: str, value: Any, param: Any) -> None:
     try:
         coerced = coerce(value, param.kind)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         kind = {bool: "true or false", int: "an integer", float: "a number"}.get(param.kind, param.kind.__name__)
         raise RecipeError(f"{where} must be {kind}, not '{_short(value)}'") from None
     problem = param.validate(coerced)
@@ -438,6 +449,9 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
 
     recipe = Recipe(method.name, base, tuple(models), tuple(slices) if slices is not None else None,
                     top, dtype, out_dtype, tokenizer_source, chat_template, text)
+    if len(recipe.referenced_models()) > MAX_MODELS:
+        raise RecipeError(f"the recipe names {len(recipe.referenced_models())} different models; at most "
+                          f"{MAX_MODELS} can be merged in one recipe")
     _validate_structure(recipe, method)
     return recipe
 
@@ -506,7 +520,27 @@ def _validate_structure(recipe: Recipe, method: Any) -> None:
             raise RecipeError(f"{where}: {problem}")
         if method.name in ("slerp", "nearswap") and base is not None and all(m.model != base for m in inputs):
             raise RecipeError(f"{method.name} interpolates from the base model; make {base} one of the two models")
+        _check_required(where, inputs, base, recipe, method)
         _check_weight_sum(where, inputs, base, recipe, method)
+
+
+def _check_required(where: str, inputs: list[InputModel], base: ModelRef | None, recipe: Recipe,
+                    method: Any) -> None:
+    """A parameter without a default must be set for every input that takes it, at some level."""
+    slice_params = next((s.params for s in recipe.slices or () if list(s.sources) == inputs), {})
+    shared_scopes = (slice_params, recipe.params)
+    for param in method.params:
+        if not param.required:
+            continue
+        if not param.per_model:
+            if not any(param.name in scope for scope in shared_scopes):
+                raise RecipeError(f"{method.name} needs '{param.name}'; set it under 'parameters:'")
+            continue
+        for m in inputs:
+            takes = not (param.non_base and method.base != "ignored" and m.model == base)
+            if takes and param.name not in m.params and not any(param.name in scope for scope in shared_scopes):
+                raise RecipeError(f"{where}: {m.model} has no '{param.name}'; set it under that model's "
+                                  "'parameters:' or at the top level")
 
 
 def _check_weight_sum(where: str, inputs: list[InputModel], base: ModelRef | None,

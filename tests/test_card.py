@@ -143,7 +143,8 @@ def test_other_license_without_name_becomes_unknown(hub: HubServer) -> None:  # 
 
 
 def test_local_parents_are_listed_but_not_declared_as_base_models(hub: HubServer) -> None:  # noqa: F811
-    r = parse_recipe("models:\n  - model: /tmp/x/local-model\n  - model: a/hub-model\nmerge_method: linear\n",
+    r = parse_recipe("models:\n  - model: /tmp/x/local-model\n  - model: a/hub-model\nmerge_method: linear\n"
+                     "parameters: {weight: 1}\n",
                      allow_local=True)
     parents = [ParentInfo("/tmp/x/local-model", None, None, local=True), ParentInfo("a/hub-model", "f" * 40, "mit")]
     card = build_card(r, parents=parents, output_name="local-out")
