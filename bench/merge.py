@@ -13,6 +13,8 @@ cache (they were just written), for every contender alike.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FLOOR = """
 import sys, torch
@@ -49,14 +50,24 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024**2
 
 
+MAKE_MODELS = """
+import sys, torch
+from pathlib import Path
+from merger.tiny import make_tiny_model
+root, layers, hidden, vocab = Path(sys.argv[1]), *map(int, sys.argv[2:5])
+base = make_tiny_model(root / "base", "llama", seed=1, num_layers=layers, hidden=hidden, vocab=vocab,
+                       dtype=torch.float16)
+for i in (1, 2):
+    make_tiny_model(root / f"ft{i}", perturb_from=base, seed=10 + i)
+"""
+
+
 def make_models(root: Path, layers: int, hidden: int, vocab: int) -> list[Path]:
-    import torch
-
-    from merger.tiny import make_tiny_model
-
-    base = make_tiny_model(root / "base", "llama", seed=1, num_layers=layers, hidden=hidden, vocab=vocab,
-                           dtype=torch.float16)
-    return [base] + [make_tiny_model(root / f"ft{i}", perturb_from=base, seed=10 + i) for i in (1, 2)]
+    """Generated in a child process: the benchmark's own process stays small, so a child's peak RSS
+    (which the kernel reports including what it inherited at fork) is its own."""
+    subprocess.run([sys.executable, "-c", MAKE_MODELS, str(root), str(layers), str(hidden), str(vocab)],
+                   cwd=REPO, check=True)
+    return [root / "base", root / "ft1", root / "ft2"]
 
 
 def recipes(models: list[Path], root: Path) -> dict[str, Path]:
@@ -91,9 +102,11 @@ def floor(models: list[Path], out: Path) -> tuple[float, float]:
 
 
 def params(folder: Path) -> float:
-    from merger.sources import read_local_headers
-
-    return sum(h.numel for h in read_local_headers(folder).values()) / 1e9
+    """Billions of parameters, from the safetensors header (no torch import in this process)."""
+    raw = (folder / "model.safetensors").open("rb")
+    header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
+    raw.close()
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__") / 1e9
 
 
 def main() -> None:

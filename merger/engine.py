@@ -8,6 +8,7 @@ tensor once (prefetching the next while the current one merges) and hands each r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -21,7 +22,7 @@ from . import architecture as arch
 from .errors import CancelledError, ModelError, RecipeError
 from .methods import MergeInputs, Method, get_method
 from .recipe import InputModel, ModelRef, Recipe, Slice, resolve_parameter
-from .sources import FLOAT_DTYPES, SAFETENSORS_DTYPES, TORCH_DTYPES
+from .sources import DTYPE_BYTES, FLOAT_DTYPES, SAFETENSORS_DTYPES, TORCH_DTYPES
 
 RECIPE_TO_SAFETENSORS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
@@ -71,7 +72,6 @@ class PlannedOutput:
 
     @property
     def nbytes(self) -> int:
-        from .sources import DTYPE_BYTES
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
@@ -88,7 +88,7 @@ class MergePlan:
     layer_sources: list[int] = field(default_factory=list)  # each output layer's source layer index
     warnings: list[str] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def total_bytes(self) -> int:
         return sum(o.nbytes for o in self.outputs)
 
@@ -297,6 +297,8 @@ class MergeRunner:
         self._cancel = cancel
         self.compute_dtype = TORCH_DTYPES[RECIPE_TO_SAFETENSORS[plan.recipe.dtype]] if plan.recipe.dtype else None
         self._inputs: list[torch.Tensor] = []
+        self._kernel_buffers: dict[str, torch.Tensor] = {}
+        self._raw: list[list[torch.Tensor]] = [[], []]  # read buffers: one slot read while the other merges
         self._outputs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
 
     def cancelled(self) -> bool:
@@ -305,9 +307,21 @@ class MergeRunner:
             return False
         return c.is_set() if isinstance(c, threading.Event) else bool(c())
 
-    def _read(self, out: PlannedOutput) -> list[torch.Tensor | None]:
-        return [self.readers[s.model].read(s.ref.source_name, s.ref.rows) if s.ref is not None else None
-                for s in out.sources]
+    def _read(self, out: PlannedOutput, slot: int) -> list[torch.Tensor | None]:
+        """The raw inputs of `out`, read into the reused buffers of `slot` (the other slot is in use)."""
+        tensors: list[torch.Tensor | None] = []
+        for j, s in enumerate(out.sources):
+            if s.ref is None:
+                tensors.append(None)
+                continue
+            buffers = self._raw[slot]
+            while len(buffers) <= j:
+                buffers.append(torch.empty(0, dtype=torch.uint8))
+            nbytes = math.prod(s.ref.shape) * DTYPE_BYTES[s.ref.dtype]
+            if buffers[j].numel() < nbytes:
+                buffers[j] = torch.empty(nbytes, dtype=torch.uint8)
+            tensors.append(self.readers[s.model].read(s.ref.source_name, s.ref.rows, out=buffers[j]))
+        return tensors
 
     def run(self, sinks: Sequence[Callable[[str, torch.Tensor], None]]) -> None:
         outputs = self.plan.outputs
@@ -315,13 +329,13 @@ class MergeRunner:
         self._report("merge", 0, done_bytes, f"merging {len(outputs)} tensors on {self.device.type}")
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reads, \
                 ThreadPoolExecutor(1, thread_name_prefix="write") as writes:
-            pending: Future | None = reads.submit(self._read, outputs[0]) if outputs else None
+            pending: Future | None = reads.submit(self._read, outputs[0], 0) if outputs else None
             written: Future | None = None
             for i, out in enumerate(outputs):
                 if self.cancelled():
                     raise CancelledError("the merge was cancelled")
                 raw = pending.result()
-                pending = reads.submit(self._read, outputs[i + 1]) if i + 1 < len(outputs) else None
+                pending = reads.submit(self._read, outputs[i + 1], (i + 1) % 2) if i + 1 < len(outputs) else None
                 result = self.compute(out, raw, slot=i % 2)
                 if written is not None:
                     written.result()
@@ -407,7 +421,16 @@ class MergeRunner:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(tensor_seed(self.seed, out.name))
         return method.merge(MergeInputs(tensors=tensors, base_index=out.base_index, model_params=per_model,
-                                        params=shared, name=out.name, generator=generator))
+                                        params=shared, name=out.name, generator=generator,
+                                        workspace=self._scratch))
+
+    def _scratch(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A kernel's reused buffer (result or scratch), kept per key; grown, never shrunk."""
+        n = math.prod(shape)
+        buffer = self._kernel_buffers.get(key)
+        if buffer is None or buffer.numel() < n:
+            buffer = self._kernel_buffers[key] = torch.empty(n, dtype=torch.float32, device=self.device)
+        return buffer[:n].view(shape)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> None:

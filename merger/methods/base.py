@@ -130,6 +130,7 @@ class MergeInputs:
     params: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
     generator: torch.Generator | None = None
+    workspace: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not self.model_params:
@@ -151,6 +152,17 @@ class MergeInputs:
     def values(self, name: str, indices: Sequence[int]) -> list[Any]:
         """The per-model values of parameter `name` for the inputs at `indices`."""
         return [self.model_params[i][name] for i in indices]
+
+    def buffer(self, key: str, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised float32 tensor for a kernel's result or scratch, on the inputs' device.
+
+        The engine supplies a workspace that hands back the same memory for the same key on every
+        tensor (fresh allocations of this size cost more in page faults than the arithmetic); it
+        copies a result out of it before the next tensor. Without one, a new tensor.
+        """
+        if self.workspace is None:
+            return torch.empty(tuple(shape), dtype=torch.float32, device=self.tensors[0].device)
+        return self.workspace(key, tuple(shape))
 
     def draw_uniform(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """Uniform [0, 1) samples from the generator's own device, moved to `device`."""

@@ -14,7 +14,8 @@ def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
     """Weighted average of the models ("model soups", https://arxiv.org/abs/2203.05482)."""
     indices = range(len(inputs.tensors))
     weights = inputs.values("weight", indices)
-    merged = torch.mul(inputs.tensors[0], weights[0])
+    first = inputs.tensors[0]
+    merged = torch.mul(first, weights[0], out=inputs.buffer("result", first.shape))
     for index in indices[1:]:
         merged.add_(inputs.tensors[index], alpha=weights[index])
     if inputs.params["normalize"]:

@@ -66,8 +66,8 @@ def _merge_independent(inputs: MergeInputs, sparsifier: Sparsifier | None) -> to
     """No sign consensus: accumulate weight_i * delta_i one model at a time (one scratch tensor)."""
     others = inputs.other_indices
     weights = inputs.values("weight", others)
-    mixed = torch.zeros_like(inputs.base)
-    scratch = torch.empty_like(inputs.base)
+    mixed = inputs.buffer("result", inputs.base.shape).zero_()
+    scratch = inputs.buffer("scratch", inputs.base.shape)
     for index, weight in zip(others, weights):
         _task_vector(inputs, index, scratch, sparsifier)
         mixed.add_(scratch.mul_(weight))
@@ -110,13 +110,13 @@ def _merge_with_consensus(inputs: MergeInputs, sparsifier: Sparsifier | None) ->
     others = inputs.other_indices
     weights = inputs.values("weight", others)
     base = inputs.base
-    deltas = base.new_empty((len(others), *base.shape))
+    deltas = inputs.buffer("deltas", (len(others), *base.shape))
     for row, index in enumerate(others):
         _task_vector(inputs, index, deltas[row], sparsifier)
         deltas[row].mul_(weights[row])
     erase_disagreeing_(deltas)
     divisor = _agreeing_weight(deltas, weights) if inputs.params["normalize"] else None
-    mixed = deltas.sum(dim=0)
+    mixed = torch.sum(deltas, dim=0, out=inputs.buffer("result", base.shape))
     del deltas
     if divisor is not None:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
