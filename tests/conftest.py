@@ -16,6 +16,12 @@ os.environ.pop("SPACE_ID", None)
 from merger.tiny import make_tiny_model  # noqa: E402
 
 SHARED_RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"
+GALLERY = Path(__file__).resolve().parents[1] / "merger" / "gallery"
+# The shared examples (CI has shared/ beside the repository; the gallery holds byte-identical copies,
+# tested in test_app.py), plus the gallery's passthrough frankenmerge.
+EXAMPLE_RECIPES = (sorted(SHARED_RECIPES.glob("*.yml"))
+                   or sorted(p for p in GALLERY.glob("*.yml") if p.name != "index.yml"))
+EXAMPLE_RECIPES += [p for p in [GALLERY / "passthrough-frankenmerge.yml"] if p not in EXAMPLE_RECIPES]
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 from merger.pipeline import merge_local, resolve_local
 from merger.recipe import parse_recipe
 from merger.tiny import make_tiny_model
-from tests.conftest import SHARED_RECIPES
+from tests.conftest import EXAMPLE_RECIPES
 
 mergekit = pytest.importorskip("mergekit")
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import run_merge  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
-RECIPES = sorted(SHARED_RECIPES.glob("*.yml"))
+RECIPES = EXAMPLE_RECIPES
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,12 @@ def stand_ins(models_dir: Path):
 
             llama = family("llama", 1, ("chat", "med"))
             phi = family("phi", 5, ("coder", "orange"))
+            mistral = [make_tiny_model(root / "mistral-instruct", "mistral", seed=8, num_layers=32, dtype=torch_dtype)]
+            mistral.append(make_tiny_model(root / "zephyr", perturb_from=mistral[0], seed=81, perturb_scale=0.05))
             made[dtype] = dict(zip(("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf",
                                     "epfl-llm/meditron-7b", "microsoft/phi-2", "mrm8488/phi-2-coder",
-                                    "rhysjones/phi-2-orange"), llama + phi))
+                                    "rhysjones/phi-2-orange", "mistralai/Mistral-7B-Instruct-v0.2",
+                                    "HuggingFaceH4/zephyr-7b-beta"), llama + phi + mistral))
         return made[dtype]
 
     return get

@@ -10,14 +10,15 @@ import pytest
 from merger.errors import RecipeError
 from merger.methods import get_method
 from merger.recipe import ModelRef, evaluate_setting, load_recipe, parse_recipe, resolve_parameter
-from tests.conftest import SHARED_RECIPES
+from tests.conftest import EXAMPLE_RECIPES
 
 
-@pytest.mark.parametrize("path", sorted(SHARED_RECIPES.glob("*.yml")), ids=lambda p: p.name)
-def test_every_shared_recipe_parses(path: Path) -> None:
+@pytest.mark.parametrize("path", EXAMPLE_RECIPES, ids=lambda p: p.name)
+def test_every_example_recipe_parses(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.text == path.read_text()
-    assert recipe.referenced_models()[0] == (recipe.base_model or recipe.models[0].model)
+    first = recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model
+    assert recipe.referenced_models()[0] == (recipe.base_model or first)
     assert all(not ref.local for ref in recipe.referenced_models())
 
 
