@@ -16,6 +16,7 @@ folder that is removed after the push.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 from merger import demo
@@ -105,7 +106,9 @@ def build_app(settings: Settings, manager: JobManager | None = None) -> gr.Block
         try:
             recipe = parse_recipe(text, allow_local=allow_local)
             report = pipeline.check(recipe, token=_token(settings, oauth_token), gguf=tuple(quants or ()))
-        except MergerError as e:
+        except Exception as e:  # one line for the user either way; a bug also goes to the server log
+            if not isinstance(e, MergerError):
+                logging.getLogger("merger.app").exception("check failed")
             return demo.render_error(e), demo.render_error(e)
         return demo.render_check(report), demo.recipe_status(text, allow_local=allow_local)
 

@@ -7,7 +7,7 @@ a fresh process (VmHWM; ru_maxrss would inherit the parent's peak) so one step's
 hide another's. Streaming should keep the peak near
 one tensor's size, far below the model's.
 
-    .venv/bin/python bench/gguf.py [--hidden 1536] [--layers 24] [--keep DIR]
+    .venv/bin/python bench/gguf_export.py [--hidden 1536] [--layers 24] [--keep DIR]
 """
 
 from __future__ import annotations
