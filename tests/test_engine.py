@@ -337,3 +337,50 @@ def test_cli_run_and_one_line_errors(tmp_path: Path, llama_family) -> None:
     assert failed.returncode == 2 and lines[-1].startswith("error: pre-flight check failed")
     assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in failed.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_fp16_bf16_fp32_inputs_mix_freely(tmp_path: Path, models_dir: Path, llama_family) -> None:
+    base = llama_family["base"]
+    bf16 = make_tiny_model(models_dir / "llama-bf16", perturb_from=base, seed=31, perturb_scale=0.05,
+                           dtype=torch.bfloat16)
+    fp32 = make_tiny_model(models_dir / "llama-fp32", perturb_from=base, seed=32, perturb_scale=0.05,
+                           dtype=torch.float32)
+    merge(f"""models:
+  - model: {base}
+    parameters: {{weight: 0.2}}
+  - model: {bf16}
+    parameters: {{weight: 0.3}}
+  - model: {fp32}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+""", tmp_path / "out")
+    W = [load_weights(p) for p in (base, bf16, fp32)]
+    assert {W[1][n].dtype for n in W[1]} == {torch.bfloat16} and {W[2][n].dtype for n in W[2]} == {torch.float32}
+    out = load_weights(tmp_path / "out")
+    for name, got in out.items():
+        assert got.dtype == torch.float16  # the first model's dtype, as no dtype was given
+        expected = (0.2 * W[0][name].double() + 0.3 * W[1][name].double() + 0.5 * W[2][name].double())
+        torch.testing.assert_close(got.double(), expected.half().double(), rtol=1e-3, atol=1e-4)
+
+
+def test_pickle_bin_checkpoints_need_allow_bin(tmp_path: Path, llama_family) -> None:
+    bin_model = tmp_path / "bin-model"
+    bin_model.mkdir()
+    for f in llama_family["chat"].iterdir():
+        if f.suffix != ".safetensors":
+            (bin_model / f.name).write_bytes(f.read_bytes())
+    torch.save(load_weights(llama_family["chat"]), bin_model / "pytorch_model.bin")
+    text = f"""models:
+  - model: {llama_family['base']}
+    parameters: {{weight: 0.5}}
+  - model: CHAT
+    parameters: {{weight: 0.5}}
+merge_method: linear
+"""
+    with pytest.raises(ModelError, match="pass --allow-bin"):
+        merge(text.replace("CHAT", str(bin_model)), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    merge(text.replace("CHAT", str(bin_model)), tmp_path / "from-bin", allow_bin=True)
+    merge(text.replace("CHAT", str(llama_family["chat"])), tmp_path / "from-safetensors")
+    a, b = load_weights(tmp_path / "from-bin"), load_weights(tmp_path / "from-safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
