@@ -298,7 +298,7 @@ class MergeRunner:
         self.compute_dtype = TORCH_DTYPES[RECIPE_TO_SAFETENSORS[plan.recipe.dtype]] if plan.recipe.dtype else None
         self._inputs: list[torch.Tensor] = []
         self._kernel_buffers: dict[str, torch.Tensor] = {}
-        self._raw: list[list[torch.Tensor]] = [[], []]  # read buffers: one slot read while the other merges
+        self._raw: list[torch.Tensor] = []  # read buffers, one per input, refilled once a tensor is staged
         self._outputs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
 
     def cancelled(self) -> bool:
@@ -307,36 +307,41 @@ class MergeRunner:
             return False
         return c.is_set() if isinstance(c, threading.Event) else bool(c())
 
-    def _read(self, out: PlannedOutput, slot: int) -> list[torch.Tensor | None]:
-        """The raw inputs of `out`, read into the reused buffers of `slot` (the other slot is in use)."""
+    def _read(self, out: PlannedOutput) -> list[torch.Tensor | None]:
+        """The raw inputs of `out`, read into reused buffers (free again once the last one was staged)."""
         tensors: list[torch.Tensor | None] = []
         for j, s in enumerate(out.sources):
             if s.ref is None:
                 tensors.append(None)
                 continue
-            buffers = self._raw[slot]
-            while len(buffers) <= j:
-                buffers.append(torch.empty(0, dtype=torch.uint8))
+            while len(self._raw) <= j:
+                self._raw.append(torch.empty(0, dtype=torch.uint8))
             nbytes = math.prod(s.ref.shape) * DTYPE_BYTES[s.ref.dtype]
-            if buffers[j].numel() < nbytes:
-                buffers[j] = torch.empty(nbytes, dtype=torch.uint8)
-            tensors.append(self.readers[s.model].read(s.ref.source_name, s.ref.rows, out=buffers[j]))
+            if self._raw[j].numel() < nbytes:
+                self._raw[j] = torch.empty(nbytes, dtype=torch.uint8)
+            tensors.append(self.readers[s.model].read(s.ref.source_name, s.ref.rows, out=self._raw[j]))
         return tensors
 
     def run(self, sinks: Sequence[Callable[[str, torch.Tensor], None]]) -> None:
+        """Merge every planned tensor: the next tensor is read while this one merges and the previous
+        one is written (one set of read buffers, two output buffers)."""
         outputs = self.plan.outputs
         done_bytes = 0
         self._report("merge", 0, done_bytes, f"merging {len(outputs)} tensors on {self.device.type}")
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reads, \
                 ThreadPoolExecutor(1, thread_name_prefix="write") as writes:
-            pending: Future | None = reads.submit(self._read, outputs[0], 0) if outputs else None
+            pending: list[Future] = [reads.submit(self._read, outputs[0])] if outputs else []
             written: Future | None = None
             for i, out in enumerate(outputs):
                 if self.cancelled():
                     raise CancelledError("the merge was cancelled")
-                raw = pending.result()
-                pending = reads.submit(self._read, outputs[i + 1], (i + 1) % 2) if i + 1 < len(outputs) else None
-                result = self.compute(out, raw, slot=i % 2)
+                raw = pending.pop().result()
+
+                def read_next(i: int = i) -> None:  # the read buffers are free once tensor i is staged
+                    if i + 1 < len(outputs):
+                        pending.append(reads.submit(self._read, outputs[i + 1]))
+
+                result = self.compute(out, raw, slot=i % 2, on_staged=read_next)
                 if written is not None:
                     written.result()
                 written = writes.submit(self._emit, sinks, out.name, result)
@@ -354,7 +359,8 @@ class MergeRunner:
         if self.progress:
             self.progress(Progress(stage, done, len(self.plan.outputs), bytes_done, self.plan.total_bytes, message))
 
-    def compute(self, out: PlannedOutput, raw: list[torch.Tensor | None], slot: int = 0) -> torch.Tensor:
+    def compute(self, out: PlannedOutput, raw: list[torch.Tensor | None], slot: int = 0,
+                on_staged: Callable[[], None] | None = None) -> torch.Tensor:
         """One output tensor from its raw inputs (already read), in the output dtype, on the CPU.
 
         Inputs are converted into reused fp32 workspaces and results cast into a ring of two reused
@@ -367,7 +373,10 @@ class MergeRunner:
             if out.rows is not None:
                 first = first[: out.rows]
             _check_finite(out.name, first, out_dtype)
-            return self._output(first, out_dtype, slot)
+            result = self._output(first, out_dtype, slot)
+            if on_staged:
+                on_staged()
+            return result
         tensors = []
         for i, x in enumerate(raw):
             raw[i] = None  # drop the stored-dtype copy as soon as its fp32 copy exists
@@ -376,6 +385,8 @@ class MergeRunner:
             if out.rows is not None:
                 x = x[: out.rows]
             tensors.append(self._workspace(i, x.shape).copy_(x, non_blocking=True))
+        if on_staged:
+            on_staged()
         if out.vocab is not None:
             tensors = _gather_vocab(tensors, out.vocab)
         result = self._merge(out, tensors)

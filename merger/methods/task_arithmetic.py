@@ -97,11 +97,14 @@ def erase_disagreeing_(vectors: torch.Tensor) -> torch.Tensor:
     return vectors
 
 
-def _agreeing_weight(vectors: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """sum_i weight_i over the rows whose entry survived `erase_disagreeing_`."""
-    total = torch.zeros_like(vectors[0])
+def _agreeing_weight_(vectors: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """sum_i weight_i over the rows whose entry survived `erase_disagreeing_`, computed in the storage
+    of `vectors` (overwriting it: call it last) so it needs no tensor of its own; a view of it."""
     for row, weight in zip(vectors, weights):
-        total.add_(row != 0, alpha=weight)
+        torch.ne(row, 0, out=row).mul_(weight)  # 1.0 where the entry survived, times the weight
+    total = vectors[0]
+    for row in vectors[1:]:
+        total.add_(row)
     return total
 
 
@@ -115,8 +118,8 @@ def _merge_with_consensus(inputs: MergeInputs, sparsifier: Sparsifier | None) ->
         _task_vector(inputs, index, deltas[row], sparsifier)
         deltas[row].mul_(weights[row])
     erase_disagreeing_(deltas)
-    divisor = _agreeing_weight(deltas, weights) if inputs.params["normalize"] else None
     mixed = torch.sum(deltas, dim=0, out=inputs.buffer("result", base.shape))
+    divisor = _agreeing_weight_(deltas, weights) if inputs.params["normalize"] else None
     del deltas
     if divisor is not None:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
@@ -210,10 +213,10 @@ def _sce_kernel(inputs: MergeInputs) -> torch.Tensor:
     total = sum(mean_squares)
     weights = [1 / len(others)] * len(others) if abs(total) < 1e-6 else [m / total for m in mean_squares]
     erase_disagreeing_(vectors)
-    divisor = _agreeing_weight(vectors, weights)
     merged = torch.zeros_like(base)
     for row, weight in zip(vectors, weights):
         merged.add_(row, alpha=weight)
+    divisor = _agreeing_weight_(vectors, weights)
     del vectors
     return merged.div_(divisor.clamp_(min=1e-6)).add_(base)
 
