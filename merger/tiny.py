@@ -1,13 +1,16 @@
-"""Deterministic tiny Hugging Face model folders (weights, config, a real BPE tokenizer).
+"""Deterministic tiny Hugging Face model folders (weights, config, a real tokenizer).
 
 Tests, demos and benchmarks need models that look exactly like Hub checkpoints of each supported
 family (tensor names, config keys, shapes, shards, tokenizer files) but are small and reproducible
 byte for byte, without a network and without transformers. Fine-tunes of a parent are the parent's
-weights plus small seeded noise, so merges of them are meaningful.
+weights plus small seeded noise, so merges of them are meaningful. The tokenizer is byte-level BPE, or
+for the families whose Hub repos ship `tokenizer.model` (llama, mistral, gemma), optionally a real
+SentencePiece model trained in-process (needs the sentencepiece package, and only then).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -24,6 +27,7 @@ from merger.errors import ModelError
 
 __all__ = [
     "FAMILIES",
+    "TOKENIZERS",
     "TRAINING_TEXT",
     "make_tiny_model",
     "make_tokenizer_files",
@@ -55,6 +59,8 @@ streets, and each of them thought that the other had the more interesting life.
 """
 
 _NUM_MERGES = 192
+_SENTENCEPIECE_VOCAB = 384
+TOKENIZERS = ("bpe", "sentencepiece")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class _TokenizerSpec:
     unk: str | None
     add_bos: bool
     chat_template: str
+    sentencepiece: bool = False  # the family's Hub repos ship a SentencePiece tokenizer.model
+    spm_dummy_prefix: bool = True  # SentencePiece add_dummy_prefix (llama: "▁" before the text; gemma: none)
 
 
 _LLAMA_CHAT = (
@@ -93,13 +101,15 @@ _PHI3_CHAT = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-_LLAMA_TOKENS = _TokenizerSpec(("<unk>", "<s>", "</s>"), "<s>", "</s>", None, "<unk>", True, _LLAMA_CHAT)
+_LLAMA_TOKENS = _TokenizerSpec(
+    ("<unk>", "<s>", "</s>"), "<s>", "</s>", None, "<unk>", True, _LLAMA_CHAT, True, True
+)
 _QWEN_TOKENS = _TokenizerSpec(
     ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|endoftext|>", "<|endoftext|>", None, False, _CHATML
 )
 _GEMMA_TOKENS = _TokenizerSpec(
     ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-    "<bos>", "<eos>", "<pad>", "<unk>", True, _GEMMA_CHAT,
+    "<bos>", "<eos>", "<pad>", "<unk>", True, _GEMMA_CHAT, True, False,
 )
 _PHI_TOKENS = _TokenizerSpec(("<|endoftext|>",), "<|endoftext|>", "<|endoftext|>", None, "<|endoftext|>", False, _PHI_CHAT)
 _PHI3_TOKENS = _TokenizerSpec(
@@ -295,53 +305,20 @@ def _dump_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tokenizer_files(folder: str | Path, family: str = "llama") -> int:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the vocab size.
-
-    The tokenizer is GPT-2 style byte-level BPE (the pre-tokenizer llama.cpp calls "gpt-2"), with the
-    family's special tokens first (ids 0..k-1), then the 256 byte tokens, then the learned merges.
-    """
-    spec = _family(family).tokens
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens, merges = bpe_vocab_and_merges()
-    vocab = {tok: i for i, tok in enumerate(spec.specials)}
-    for tok in tokens:
-        vocab[tok] = len(vocab)
-    ids = {tok: vocab[tok] for tok in spec.specials}
-    added = [
-        {"id": ids[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for t in spec.specials
-    ]
-    if spec.add_bos:
-        post_processor = {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": spec.bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [
-                {"SpecialToken": {"id": spec.bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                {"Sequence": {"id": "B", "type_id": 1}},
-            ],
-            "special_tokens": {spec.bos: {"id": spec.bos, "ids": [ids[spec.bos]], "tokens": [spec.bos]}},
-        }
-    else:
-        post_processor = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
-    tokenizer = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": vocab, "merges": merges,
-        },
+def _post_processor(spec: _TokenizerSpec, bos_id: int | None) -> dict:
+    """Prepend BOS when the family does (single and pair inputs), else leave the ids as they are."""
+    if not spec.add_bos:
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    bos = {"SpecialToken": {"id": spec.bos, "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {spec.bos: {"id": spec.bos, "ids": [bos_id], "tokens": [spec.bos]}},
     }
-    _dump_json(folder / "tokenizer.json", tokenizer)
+
+
+def _write_tokenizer_configs(folder: Path, spec: _TokenizerSpec, added: list[dict], tokenizer_class: str) -> None:
     named = {"bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad, "unk_token": spec.unk}
     named = {k: v for k, v in named.items() if v is not None}
     config = {
@@ -351,14 +328,152 @@ def make_tokenizer_files(folder: str | Path, family: str = "llama") -> int:
         "chat_template": spec.chat_template,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": tokenizer_class,
         **named,
     }
     if spec.bos is None:
         config["bos_token"] = None
     _dump_json(folder / "tokenizer_config.json", config)
     _dump_json(folder / "special_tokens_map.json", named)
+
+
+def _added_tokens(specials: tuple[str, ...]) -> list[dict]:
+    return [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for i, t in enumerate(specials)
+    ]
+
+
+def make_tokenizer_files(folder: str | Path, family: str = "llama", tokenizer: str = "bpe") -> int:
+    """Write the family's tokenizer files; return the vocab size.
+
+    `tokenizer="bpe"`: tokenizer.json with GPT-2 style byte-level BPE (the pre-tokenizer llama.cpp calls
+    "gpt-2"): the family's special tokens first (ids 0..k-1), then the 256 byte tokens, then the merges.
+    `tokenizer="sentencepiece"` (llama, mistral, gemma, gemma2): a SentencePiece BPE tokenizer.model with
+    byte fallback, as those Hub repos ship, plus the equivalent tokenizer.json. Both come with
+    tokenizer_config.json and special_tokens_map.json.
+    """
+    spec = _family(family).tokens
+    if tokenizer not in TOKENIZERS:
+        raise ModelError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "sentencepiece":
+        return _write_sentencepiece_files(folder, family, spec)
+    tokens, merges = bpe_vocab_and_merges()
+    vocab = {tok: i for i, tok in enumerate(spec.specials)}
+    for tok in tokens:
+        vocab[tok] = len(vocab)
+    added = _added_tokens(spec.specials)
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": _post_processor(spec, vocab.get(spec.bos or "")),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": merges,
+        },
+    }
+    _dump_json(folder / "tokenizer.json", tokenizer_json)
+    _write_tokenizer_configs(folder, spec, added, "PreTrainedTokenizerFast")
     return len(vocab)
+
+
+def _train_sentencepiece(spec: _TokenizerSpec) -> bytes:
+    """A SentencePiece BPE model trained on TRAINING_TEXT with llama's settings (byte fallback, digits split,
+    no normalization). BPE training keeps every sentence (no sampling, so no seed) and runs on one thread:
+    the bytes are the same on every run."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ModelError(
+            "the sentencepiece tokenizer needs the sentencepiece package: pip install sentencepiece"
+        ) from None
+    ids = {t: i for i, t in enumerate(spec.specials)}
+    named = {"unk": spec.unk, "bos": spec.bos, "eos": spec.eos, "pad": spec.pad}
+    flags: dict[str, object] = {}
+    for kind, piece in named.items():
+        flags[f"{kind}_id"] = ids[piece] if piece else -1
+        if piece:
+            flags[f"{kind}_piece"] = piece
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT.splitlines()), model_writer=out, model_type="bpe",
+        vocab_size=_SENTENCEPIECE_VOCAB, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=spec.spm_dummy_prefix,
+        user_defined_symbols=[t for t in spec.specials if t not in named.values()],
+        num_threads=1, minloglevel=2, **flags,
+    )
+    return out.getvalue()
+
+
+def _sentencepiece_merges(pieces: list[str], mergeable: list[bool]) -> list[list[str]]:
+    """BPE merges equivalent to SentencePiece BPE encoding: SentencePiece joins the adjacent pair whose
+    concatenation is the best-scoring piece (the earliest learned), so every split of a piece into two
+    pieces is a merge, ranked by the joined piece's id."""
+    index = {p: i for i, p in enumerate(pieces) if mergeable[i]}
+    merges = []
+    for joined in (p for i, p in enumerate(pieces) if mergeable[i]):
+        splits = [(joined[:k], joined[k:]) for k in range(1, len(joined))]
+        splits = [s for s in splits if s[0] in index and s[1] in index]
+        merges += [list(s) for s in sorted(splits, key=lambda s: (index[s[0]], index[s[1]]))]
+    return merges
+
+
+def _write_sentencepiece_files(folder: Path, family: str, spec: _TokenizerSpec) -> int:
+    if not spec.sentencepiece:
+        choices = ", ".join(f for f, fam in FAMILIES.items() if fam.tokens.sentencepiece)
+        raise ModelError(f"{family} Hub repos ship no SentencePiece tokenizer.model here; choose one of {choices}")
+    model = _train_sentencepiece(spec)
+    (folder / "tokenizer.model").write_bytes(model)
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+    pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+    if tuple(pieces[: len(spec.specials)]) != spec.specials:
+        raise ModelError(f"SentencePiece put the special tokens at {pieces[: len(spec.specials)]}, not {spec.specials}")
+    special = set(spec.specials)
+    mergeable = [
+        not (p in special or sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))
+        for i, p in enumerate(pieces)
+    ]
+    spaces = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+    if spec.spm_dummy_prefix:
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, spaces]}
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    else:
+        normalizer = spaces
+    added = _added_tokens(spec.specials)
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": None,
+        "post_processor": _post_processor(spec, spec.specials.index(spec.bos) if spec.bos else None),
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": spec.unk, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": {p: i for i, p in enumerate(pieces)}, "merges": _sentencepiece_merges(pieces, mergeable),
+        },
+    }
+    _dump_json(folder / "tokenizer.json", tokenizer_json)
+    # Not LlamaTokenizer/GemmaTokenizer: transformers 5 rebuilds those from its own defaults, whose Metaspace
+    # drops SentencePiece's dummy prefix before leading spaces; the generic class keeps tokenizer.json as is.
+    _write_tokenizer_configs(folder, spec, added, "PreTrainedTokenizerFast")
+    return len(pieces)
 
 
 def _special_ids(family: str) -> dict[str, int | None]:
@@ -569,6 +684,7 @@ def make_tiny_model(
     tie_word_embeddings: bool | None = None,
     layout: str = "new",
     header_only: bool = False,
+    tokenizer: str = "bpe",
 ) -> Path:
     """Write a tiny model folder of `family` and return its path; identical arguments give identical bytes.
 
@@ -577,7 +693,7 @@ def make_tiny_model(
     the structural arguments (family, sizes, layout, tying) then come from the parent.
     `vocab` larger than the tokenizer pads the embedding rows (for vocab-mismatch tests).
     `layout="legacy"` (phi only) writes the old phi-msft layout. `header_only` writes safetensors
-    headers without tensor bytes.
+    headers without tensor bytes. `tokenizer` is "bpe" or "sentencepiece" (see make_tokenizer_files).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -589,7 +705,7 @@ def make_tiny_model(
     dtype = dtype or torch.float16
     if dtype not in _DTYPE_NAMES:
         raise ModelError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
-    tokenizer_size = make_tokenizer_files(folder, family)
+    tokenizer_size = make_tokenizer_files(folder, family, tokenizer)
     vocab = tokenizer_size if vocab is None else vocab
     if vocab < tokenizer_size:
         raise ModelError(f"vocab {vocab} is smaller than the tokenizer's {tokenizer_size} tokens")

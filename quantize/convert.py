@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,29 +222,110 @@ def _write_bpe_vocab(w: gguf.GGUFWriter, folder: Path, tokenizer: dict, n_vocab:
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
 
 
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(buf):
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise GGUFError("tokenizer.model is truncated; download the tokenizer files again")
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: varints as ints, everything else as bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield field, value
+            continue
+        if wire == 2:
+            size, pos = _varint(buf, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+        else:
+            raise GGUFError("tokenizer.model is not a SentencePiece model; use the model's own tokenizer files")
+        yield field, buf[pos:pos + size]
+        pos += size
+
+
+def _adds_dummy_prefix(model: bytes) -> bool:
+    """SentencePiece's NormalizerSpec.add_dummy_prefix (ModelProto field 3, its field 3; default true).
+
+    Parsed by hand because sentencepiece's Python API does not expose it and protobuf is not a dependency;
+    llama.cpp must be told when it is off (Gemma), or it puts a space before every text.
+    """
+    for field, value in _proto_fields(model):
+        if field == 3 and isinstance(value, bytes):
+            flags = [v for f, v in _proto_fields(value) if f == 3]
+            return bool(flags[-1]) if flags else True
+    return True
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def _write_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
+    """tokenizer.model's pieces, scores and types, then the tokens transformers adds on top of it
+    (added_tokens.json, tokenizer_config.json's added_tokens_decoder), as llama.cpp's converter does."""
     try:
-        vocab = gguf.vocab.SentencePieceVocab(folder)
-    except RuntimeError:
+        import sentencepiece
+    except ImportError:
         raise GGUFError(
             f"{folder.name} has a SentencePiece tokenizer.model: install the sentencepiece package to export it"
         ) from None
-    tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(kind)
-    if len(tokens) > n_vocab:
-        raise GGUFError(f"tokenizer.model has {len(tokens)} tokens but the model has only {n_vocab} embedding rows")
-    for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    model = (folder / "tokenizer.model").read_bytes()
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(model)
+    except RuntimeError:
+        raise GGUFError(
+            f"{folder.name}/tokenizer.model is not a SentencePiece model; use the model's own tokenizer files"
+        ) from None
+    if sp.GetPieceSize() > n_vocab:
+        raise GGUFError(
+            f"tokenizer.model has {sp.GetPieceSize()} tokens but the model has only {n_vocab} embedding rows"
+        )
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for i in range(sp.GetPieceSize()):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (
+            gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+            else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+            else gguf.TokenType.NORMAL
+        )
+    config = _read_json(folder / "tokenizer_config.json")
+    added = [(text, i, False) for text, i in _read_json(folder / "added_tokens.json").items()]
+    added += [(a["content"], int(i), bool(a.get("special"))) for i, a in config.get("added_tokens_decoder", {}).items()]
+    for text, i, special in added:
+        if i >= n_vocab:
+            raise GGUFError(
+                f"the tokenizer has token id {i} ({text}) but the model has only {n_vocab} embedding rows; "
+                "resize the embeddings or use the matching tokenizer"
+            )
+        # llama.cpp matches user-defined tokens in the raw text, before spaces become "▁"
+        tokens[i] = text if special else text.replace("\u2581", " ")
+        scores[i] = -1000.0
+        types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
+    # llama.cpp assumes SentencePiece's default dummy prefix; transformers lets the config override it
+    prefix = config.get("add_prefix_space")
+    if prefix is None and not _adds_dummy_prefix(model):
+        prefix = False
+    if prefix is not None:
+        w.add_add_space_prefix(bool(prefix))
     gguf.SpecialVocab(folder, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
 
 
