@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,38 @@ def qwen_family(models_dir: Path) -> dict[str, Path]:
             "b": make_tiny_model(models_dir / "qwen-b", perturb_from=base, seed=22, perturb_scale=0.05)}
 
 
-def write_recipe(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+# llama.cpp's own converter, the reference for GGUF parity (tests/test_quantize.py, test_sentencepiece.py).
+LLAMA_CPP_DRIVER = '''
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+'''
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python source package (pip's cache makes it quick)."""
+    import tarfile
+
+    root = tmp_path_factory.mktemp("llama_cpp_sdist")
+    import llama_cpp
+
+    version = llama_cpp.__version__
+    got = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+         f"llama-cpp-python=={version}", "-d", str(root)], capture_output=True, text=True, timeout=600,
+    )
+    archives = list(root.glob("*.tar.gz"))
+    if got.returncode != 0 or not archives:
+        pytest.skip(f"llama-cpp-python {version} source package unavailable: {got.stderr.strip()[-200:]}")
+    prefix = f"{archives[0].name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+    with tarfile.open(archives[0]) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
+            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
+        tar.extractall(root, members=members, filter="data")
+    return root / prefix

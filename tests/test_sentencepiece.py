@@ -21,9 +21,9 @@ sentencepiece = pytest.importorskip("sentencepiece")
 llama_cpp = pytest.importorskip("llama_cpp")
 transformers = pytest.importorskip("transformers")
 
-# Shared with the BPE tests: logits helpers and the session fixture that fetches llama.cpp's converter.
+# Shared with the BPE tests: logits helpers (the converter fixture is in conftest.py).
 from test_quantize import (  # noqa: E402
-    _DRIVER, IDS, TEXTS, _gguf_logits, _rel, _transformers_logits, llama_cpp_converter,  # noqa: F401
+    _DRIVER, IDS, TEXTS, _gguf_logits, _rel, _transformers_logits,
 )
 
 FAMILIES = ["llama", "gemma"]
