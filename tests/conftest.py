@@ -51,6 +51,25 @@ def qwen_family(models_dir: Path) -> dict[str, Path]:
             "b": make_tiny_model(models_dir / "qwen-b", perturb_from=base, seed=22, perturb_scale=0.05)}
 
 
+# A two-model TIES recipe over Hub IDs: tests upload the `tiny` pair as acme/base and acme/chat.
+ACME_TIES_RECIPE = """models:
+  - model: acme/base
+  - model: acme/chat
+    parameters: {weight: 0.5, density: 0.6}
+merge_method: ties
+base_model: acme/base
+dtype: float32
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two-layer Llama base and a fine-tune of it (the fault and security tests' pair)."""
+    root = tmp_path_factory.mktemp("pair")
+    base = make_tiny_model(root / "base", "llama", seed=3, num_layers=2)
+    return {"base": base, "chat": make_tiny_model(root / "chat", perturb_from=base, seed=4, perturb_scale=0.05)}
+
+
 # llama.cpp's own converter, the reference for GGUF parity (tests/test_quantize.py, test_sentencepiece.py).
 LLAMA_CPP_DRIVER = '''
 import sys

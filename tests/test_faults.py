@@ -25,31 +25,17 @@ from merger.errors import CancelledError, HubError, MergerError, ModelError
 from merger.pipeline import Event, RunOptions, run
 from merger.recipe import parse_recipe
 from merger.tiny import make_tiny_model
+from tests.conftest import ACME_TIES_RECIPE as RECIPE
 from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_alice_write"
-RECIPE = """models:
-  - model: acme/base
-  - model: acme/chat
-    parameters: {weight: 0.5, density: 0.6}
-merge_method: ties
-base_model: acme/base
-dtype: float32
-"""
 
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries keep their count and order, without the waits (RETRY_DELAYS is read at call time)."""
     monkeypatch.setattr(mhub, "RETRY_DELAYS", (0.0, 0.0, 0.0))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("faultmodels")
-    base = make_tiny_model(root / "base", "llama", seed=3, num_layers=2)
-    return {"base": base, "chat": make_tiny_model(root / "chat", perturb_from=base, seed=4, perturb_scale=0.05)}
 
 
 @pytest.fixture
@@ -191,8 +177,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_mid_merge_leaves_only_a_partial_that_the_next_run_removes(tmp_path: Path,
-                                                                           tiny: dict[str, Path]) -> None:
+def test_sigkill_mid_merge_leaves_only_a_partial_that_the_next_run_removes(tmp_path: Path, tiny: dict[str, Path]) -> None:
     recipe = tmp_path / "r.yml"
     recipe.write_text(RECIPE.replace("acme/base", str(tiny["base"])).replace("acme/chat", str(tiny["chat"])))
     out = tmp_path / "out"

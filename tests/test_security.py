@@ -19,30 +19,16 @@ from merger.errors import HubError, MergerError, ModelError, RecipeError
 from merger.pipeline import RunOptions, run
 from merger.recipe import parse_recipe
 from merger.tiny import make_tiny_model
+from tests.conftest import ACME_TIES_RECIPE as RECIPE
 from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_SeCrEt_reliability_0123456789abcdef"  # recognisable anywhere it might leak
-RECIPE = """models:
-  - model: acme/base
-  - model: acme/chat
-    parameters: {weight: 0.5, density: 0.6}
-merge_method: ties
-base_model: acme/base
-dtype: float32
-"""
 
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mhub, "RETRY_DELAYS", (0.0,))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("secmodels")
-    base = make_tiny_model(root / "base", "llama", seed=3, num_layers=2)
-    return {"base": base, "chat": make_tiny_model(root / "chat", perturb_from=base, seed=4, perturb_scale=0.05)}
 
 
 @pytest.fixture
