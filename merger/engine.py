@@ -14,7 +14,7 @@ import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from . import architecture as arch
 from .errors import CancelledError, ModelError, RecipeError
 from .methods import MergeInputs, Method, get_method
 from .recipe import InputModel, ModelRef, Recipe, Slice, resolve_parameter
-from .sources import DTYPE_BYTES, FLOAT_DTYPES, SAFETENSORS_DTYPES, TORCH_DTYPES
+from .sources import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPES
 
 RECIPE_TO_SAFETENSORS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
@@ -473,18 +473,5 @@ def _gather_vocab(tensors: list[torch.Tensor], vocab: VocabMap) -> list[torch.Te
     return out
 
 
-def iter_sources(plan: MergePlan) -> Iterable[ModelRef]:
-    seen: list[ModelRef] = []
-    for out in plan.outputs:
-        for s in out.sources:
-            if s.model not in seen:
-                seen.append(s.model)
-    return seen
-
-
-def out_dtype_name(dtype: str) -> str:
-    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(dtype, "float32")
-
-
 __all__ = ["MergePlan", "MergeRunner", "PlannedOutput", "Progress", "plan_merge", "resolve_device",
-           "tensor_seed", "SAFETENSORS_DTYPES"]
+           "tensor_seed"]

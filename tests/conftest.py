@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("SPACE_ID", None)
 
 from merger.tiny import make_tiny_model  # noqa: E402
+from tests.hubserver import hub  # noqa: E402,F401  (the local Hub-protocol server fixture, for every test)
 
 SHARED_RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"
 GALLERY = Path(__file__).resolve().parents[1] / "merger" / "gallery"

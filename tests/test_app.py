@@ -19,7 +19,7 @@ from merger.gallery import load_gallery, recipe_from_hub, recipe_in_readme
 from merger.jobs import CANCELLED, DONE, FAILED, Job, JobManager
 from merger.pipeline import Event, check
 from merger.recipe import parse_recipe
-from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
+from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_A, HUB_B, HUB_C = "org/alpha-7b", "org/beta-7b@v1", "other/gamma"
@@ -163,7 +163,7 @@ def test_gallery_recipe_takes_the_users_models(demo_models: list[str]) -> None:
     assert demo.gallery_recipe(slerp.text, demo_models[:1]) == slerp.text  # too few models: unchanged
 
 
-def test_recipe_from_hub_config_then_readme(hub: HubServer) -> None:  # noqa: F811
+def test_recipe_from_hub_config_then_readme(hub: HubServer) -> None:
     recipe = next(e for e in load_gallery() if e.key == "slerp.yml").text
     hub.create_repo("acme/with-config")
     hub.commit_files("acme/with-config", {"mergekit_config.yml": recipe.encode()})
@@ -368,7 +368,7 @@ class Recorder:
 
 
 @pytest.fixture
-def served(tmp_path: Path, demo_models: list[str], hub: HubServer):  # noqa: F811, ANN201
+def served(tmp_path: Path, demo_models: list[str], hub: HubServer):  # noqa: ANN201
     import app as app_module
 
     settings = local_settings(tmp_path)
@@ -384,7 +384,7 @@ def served(tmp_path: Path, demo_models: list[str], hub: HubServer):  # noqa: F81
         blocks.close()
 
 
-def test_client_check_and_publish_with_oauth_token(served, demo_models: list[str], hub: HubServer) -> None:  # noqa: F811, ANN001
+def test_client_check_and_publish_with_oauth_token(served, demo_models: list[str], hub: HubServer) -> None:  # noqa: ANN001
     from gradio_client import Client
 
     url, settings, _ = served

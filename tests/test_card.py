@@ -13,7 +13,7 @@ from merger.card import (
     license_conflict, merged_license)
 from merger.methods import METHODS
 from merger.recipe import InputModel, ModelRef, Recipe, parse_recipe
-from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
+from tests.hubserver import HubServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "recipes"
 LLAMA = [ParentInfo("meta-llama/Llama-2-7b-hf", "1" * 40, "llama2"),
@@ -32,7 +32,7 @@ def validate(server: HubServer, card: ModelCard) -> tuple[int, dict]:
     return response.status_code, response.json()
 
 
-def test_front_matter_declares_the_merge(hub: HubServer) -> None:  # noqa: F811
+def test_front_matter_declares_the_merge(hub: HubServer) -> None:
     card = build_card(recipe("medical-dare-ties.yml"), parents=LLAMA, output_name="alice/med", gguf_files=GGUF,
                       gguf_repo="alice/med-GGUF")
     data = card.data.to_dict()
@@ -124,7 +124,7 @@ def test_license_conflicts() -> None:
     assert license_conflict([ParentInfo("/models/local", None, None, local=True)]) is None
 
 
-def test_conflict_is_warned_in_the_card_and_card_still_validates(hub: HubServer) -> None:  # noqa: F811
+def test_conflict_is_warned_in_the_card_and_card_still_validates(hub: HubServer) -> None:
     parents = [ParentInfo("meta-llama/Llama-2-7b-chat-hf", None, "llama2"),
                ParentInfo("epfl-llm/meditron-7b", None, "other", "meditron-license", "https://example.org/l")]
     card = build_card(recipe("chat-slerp.yml"), parents=parents, output_name="alice/x")
@@ -135,14 +135,14 @@ def test_conflict_is_warned_in_the_card_and_card_still_validates(hub: HubServer)
     assert validate(hub, card)[0] == 200
 
 
-def test_other_license_without_name_becomes_unknown(hub: HubServer) -> None:  # noqa: F811
+def test_other_license_without_name_becomes_unknown(hub: HubServer) -> None:
     card = build_card(recipe("chat-slerp.yml"), parents=[ParentInfo("meta-llama/Llama-2-7b-chat-hf", None, "other"),
                                                          ParentInfo("epfl-llm/meditron-7b", None, "mit")],
                       output_name="x")
     assert card.data.license == "unknown" and validate(hub, card)[0] == 200
 
 
-def test_local_parents_are_listed_but_not_declared_as_base_models(hub: HubServer) -> None:  # noqa: F811
+def test_local_parents_are_listed_but_not_declared_as_base_models(hub: HubServer) -> None:
     r = parse_recipe("models:\n  - model: /tmp/x/local-model\n  - model: a/hub-model\nmerge_method: linear\n"
                      "parameters: {weight: 1}\n",
                      allow_local=True)
@@ -153,7 +153,7 @@ def test_local_parents_are_listed_but_not_declared_as_base_models(hub: HubServer
     assert validate(hub, card)[0] == 200
 
 
-def test_validator_enforces_the_hub_rules(hub: HubServer) -> None:  # noqa: F811
+def test_validator_enforces_the_hub_rules(hub: HubServer) -> None:
     bad = ModelCard("---\nlicense: llama-2\nbase_model: [1]\nbase_model_relation: merged\n---\n# x\n")
     status, body = validate(hub, bad)
     assert status == 400
@@ -163,7 +163,7 @@ def test_validator_enforces_the_hub_rules(hub: HubServer) -> None:  # noqa: F811
         '"base_model_relation" must be one of adapter, merge, quantized, finetune']
 
 
-def test_card_goes_through_the_clients_upload_validation(hub: HubServer, tmp_path: Path) -> None:  # noqa: F811
+def test_card_goes_through_the_clients_upload_validation(hub: HubServer, tmp_path: Path) -> None:
     api = HfApi(endpoint=hub.url, token="hf_alice_write")
     api.create_repo("alice/card")
     good = build_card(recipe("medical-linear.yml"), parents=LLAMA[1:], output_name="alice/card")
@@ -173,7 +173,7 @@ def test_card_goes_through_the_clients_upload_validation(hub: HubServer, tmp_pat
         api.upload_file(path_or_fileobj=b"---\nlicense: nope\n---\n", path_in_repo="README.md", repo_id="alice/card")
 
 
-def test_gguf_card_and_file_info(hub: HubServer, tmp_path: Path) -> None:  # noqa: F811
+def test_gguf_card_and_file_info(hub: HubServer, tmp_path: Path) -> None:
     path = tmp_path / "med-q5_k_m.gguf"
     path.write_bytes(b"GGUF" + bytes(2044))
     info = GGUFFileInfo.from_path(path)

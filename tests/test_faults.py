@@ -24,9 +24,8 @@ from merger import writer as mwriter
 from merger.errors import CancelledError, HubError, MergerError, ModelError
 from merger.pipeline import Event, RunOptions, run
 from merger.recipe import parse_recipe
-from merger.tiny import make_tiny_model
 from tests.conftest import ACME_TIES_RECIPE as RECIPE
-from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
+from tests.hubserver import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_alice_write"
@@ -39,7 +38,7 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def published(hub: HubServer, tiny: dict[str, Path]) -> HubServer:  # noqa: F811
+def published(hub: HubServer, tiny: dict[str, Path]) -> HubServer:
     hub.upload_folder(tiny["base"], "acme/base")
     hub.upload_folder(tiny["chat"], "acme/chat")
     hub.stats.__init__()

@@ -17,7 +17,7 @@ from merger.errors import HubError, ModelError
 from merger.recipe import parse_recipe
 from merger.sources import read_local_headers
 from merger.tiny import make_tiny_model
-from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
+from tests.hubserver import HubServer
 
 WRITE, READ, BOB = "hf_alice_write", "hf_alice_read", "hf_bob_write"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -37,7 +37,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def published(hub: HubServer, tiny: dict[str, Path]) -> str:  # noqa: F811
+def published(hub: HubServer, tiny: dict[str, Path]) -> str:
     """acme/tiny-llama: a sharded tiny model plus files a merge must never download."""
     hub.upload_folder(tiny["base"], "acme/tiny-llama")
     sha = hub.commit_files("acme/tiny-llama", {"pytorch_model.bin": b"\0pickle" * 100, "model-Q4_K_M.gguf": b"GGUF" * 50,
@@ -58,7 +58,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 # ---------------------------------------------------------------- resolve, metadata, download
 
-def test_resolve_pins_branch_and_older_commits(hub: HubServer, published: str) -> None:  # noqa: F811
+def test_resolve_pins_branch_and_older_commits(hub: HubServer, published: str) -> None:
     newer = hub.commit_files("acme/tiny-llama", {"notes.txt": b"v2"})
     head = mhub.resolve("acme/tiny-llama")
     assert head.sha == newer and head.requested is None
@@ -70,7 +70,7 @@ def test_resolve_pins_branch_and_older_commits(hub: HubServer, published: str) -
     assert head.parent_info() == ParentInfo("acme/tiny-llama", newer, None)
 
 
-def test_metadata_reads_only_header_bytes(hub: HubServer, published: str, tiny: dict[str, Path]) -> None:  # noqa: F811
+def test_metadata_reads_only_header_bytes(hub: HubServer, published: str, tiny: dict[str, Path]) -> None:
     meta = mhub.read_metadata(mhub.resolve("acme/tiny-llama"))
     assert meta.headers == read_local_headers(tiny["base"])
     assert meta.config == json.loads((tiny["base"] / "config.json").read_text())
@@ -84,7 +84,7 @@ def test_metadata_reads_only_header_bytes(hub: HubServer, published: str, tiny: 
         assert header_end < len(data)
 
 
-def test_download_fetches_only_needed_files_then_nothing(hub: HubServer, published: str,  # noqa: F811
+def test_download_fetches_only_needed_files_then_nothing(hub: HubServer, published: str,
                                                          tiny: dict[str, Path]) -> None:
     model = mhub.resolve("acme/tiny-llama")
     reports: list[tuple[int, int | None]] = []
@@ -103,7 +103,7 @@ def test_download_fetches_only_needed_files_then_nothing(hub: HubServer, publish
     assert sum(hub.stats.requests.values()) == 0 and hub.stats.total_bytes() == 0
 
 
-def test_dropped_connection_mid_body_is_resumed(hub: HubServer, published: str,  # noqa: F811
+def test_dropped_connection_mid_body_is_resumed(hub: HubServer, published: str,
                                                 tiny: dict[str, Path]) -> None:
     hub.inject("resolve_get", "drop", times=1, path=SHARD1)
     folder = mhub.download(mhub.resolve("acme/tiny-llama"))
@@ -111,14 +111,14 @@ def test_dropped_connection_mid_body_is_resumed(hub: HubServer, published: str, 
     assert len(hub.stats.ranges[("acme/tiny-llama", SHARD1)]) == 2  # half, then the rest by Range
 
 
-def test_transient_failures_are_retried(hub: HubServer, published: str) -> None:  # noqa: F811
+def test_transient_failures_are_retried(hub: HubServer, published: str) -> None:
     hub.inject("info", "server_error", times=1)
     hub.inject("info", "rate_limit", times=1, retry_after=0)
     assert mhub.resolve("acme/tiny-llama").sha == published
     assert hub.stats.requests["info"] == 3
 
 
-def test_bin_only_repo_needs_permission(hub: HubServer, tiny: dict[str, Path]) -> None:  # noqa: F811
+def test_bin_only_repo_needs_permission(hub: HubServer, tiny: dict[str, Path]) -> None:
     hub.commit_files("acme/old", {"config.json": (tiny["base"] / "config.json").read_bytes(),
                                   "pytorch_model.bin": b"\0" * 64})
     model = mhub.resolve("acme/old")
@@ -129,13 +129,13 @@ def test_bin_only_repo_needs_permission(hub: HubServer, tiny: dict[str, Path]) -
 
 # ---------------------------------------------------------------- error messages
 
-def test_typo_suggests_close_names(hub: HubServer, published: str) -> None:  # noqa: F811
+def test_typo_suggests_close_names(hub: HubServer, published: str) -> None:
     with pytest.raises(HubError) as e:
         mhub.resolve("acme/tiny-lama")
     assert "acme/tiny-lama was not found on the Hub (did you mean acme/tiny-llama?)" in one_line(e)
 
 
-def test_gated_repo_says_where_to_accept(hub: HubServer, tiny: dict[str, Path]) -> None:  # noqa: F811
+def test_gated_repo_says_where_to_accept(hub: HubServer, tiny: dict[str, Path]) -> None:
     hub.upload_folder(tiny["base"], "meta/gated", gated="manual", allowed_users={"bob"})
     model = mhub.resolve("meta/gated", token=WRITE)
     assert model.gated
@@ -145,7 +145,7 @@ def test_gated_repo_says_where_to_accept(hub: HubServer, tiny: dict[str, Path]) 
     assert mhub.read_metadata(mhub.resolve("meta/gated", token=BOB), token=BOB).model.access == "gated (granted)"
 
 
-def test_private_repo_without_access(hub: HubServer, tiny: dict[str, Path]) -> None:  # noqa: F811
+def test_private_repo_without_access(hub: HubServer, tiny: dict[str, Path]) -> None:
     hub.upload_folder(tiny["base"], "bob/secret", private=True)
     with pytest.raises(HubError) as e:
         mhub.resolve("bob/secret", token=WRITE)
@@ -162,7 +162,7 @@ def test_private_repo_without_access(hub: HubServer, tiny: dict[str, Path]) -> N
     ("info", "drop", "cannot reach the Hub"),
     ("resolve_head", "entry_not_found", "has no file config.json"),
 ])
-def test_hub_failures_become_one_line(hub: HubServer, published: str, kind: str, fault: str,  # noqa: F811
+def test_hub_failures_become_one_line(hub: HubServer, published: str, kind: str, fault: str,
                                       expected: str) -> None:
     hub.inject(kind, fault, times=None, retry_after=90)
     with pytest.raises(HubError) as e:
@@ -170,13 +170,13 @@ def test_hub_failures_become_one_line(hub: HubServer, published: str, kind: str,
     assert expected in one_line(e)
 
 
-def test_revision_not_found(hub: HubServer, published: str) -> None:  # noqa: F811
+def test_revision_not_found(hub: HubServer, published: str) -> None:
     with pytest.raises(HubError) as e:
         mhub.resolve("acme/tiny-llama@v9")
     assert "revision 'v9' of acme/tiny-llama does not exist" in one_line(e)
 
 
-def test_network_down(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_network_down(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -186,7 +186,7 @@ def test_network_down(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None: 
     assert f"cannot reach the Hub at http://127.0.0.1:{port}" in one_line(e)
 
 
-def test_disk_full(hub: HubServer, published: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_disk_full(hub: HubServer, published: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.file_download as fd
 
     def full(*args: object, **kwargs: object) -> None:
@@ -199,7 +199,7 @@ def test_disk_full(hub: HubServer, published: str, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.filterwarnings("ignore:Not enough free disk space")
-def test_not_enough_space_is_refused_before_downloading(hub: HubServer, published: str,  # noqa: F811
+def test_not_enough_space_is_refused_before_downloading(hub: HubServer, published: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mhub.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
     with pytest.raises(HubError, match="needs .* GB but only 0.00 GB are free"):
@@ -224,7 +224,7 @@ def merged(tmp_path: Path, tiny: dict[str, Path]) -> Path:
     return out
 
 
-def test_push_uploads_everything_in_one_commit(hub: HubServer, merged: Path) -> None:  # noqa: F811
+def test_push_uploads_everything_in_one_commit(hub: HubServer, merged: Path) -> None:
     progress: list[tuple[int, int | None]] = []
     result = mhub.push_folder(merged, "alice/merged", token=WRITE, private=True,
                               progress=lambda d, t: progress.append((d, t)))
@@ -244,7 +244,7 @@ def test_push_uploads_everything_in_one_commit(hub: HubServer, merged: Path) -> 
     assert len(hub.commit_history("alice/merged")) == 3
 
 
-def test_failed_commit_deletes_the_new_repo(hub: HubServer, merged: Path) -> None:  # noqa: F811
+def test_failed_commit_deletes_the_new_repo(hub: HubServer, merged: Path) -> None:
     hub.inject("commit", "server_error", times=None)
     with pytest.raises(HubError) as e:
         mhub.push_folder(merged, "alice/merged", token=WRITE, private=False)
@@ -252,7 +252,7 @@ def test_failed_commit_deletes_the_new_repo(hub: HubServer, merged: Path) -> Non
     assert "alice/merged" not in hub.repos
 
 
-def test_refuses_to_overwrite_a_foreign_repo(hub: HubServer, merged: Path) -> None:  # noqa: F811
+def test_refuses_to_overwrite_a_foreign_repo(hub: HubServer, merged: Path) -> None:
     hub.commit_files("alice/merged", {"README.md": b"# my own model\n"})
     with pytest.raises(HubError) as e:
         mhub.push_folder(merged, "alice/merged", token=WRITE, private=False)
@@ -275,7 +275,7 @@ def test_refuses_to_overwrite_a_foreign_repo(hub: HubServer, merged: Path) -> No
     (None, "alice/merged", "publishing needs a Hugging Face token"),
     ("hf_revoked", "alice/merged", "rejected your token"),
 ])
-def test_write_access_is_checked_before_uploading(hub: HubServer, merged: Path, token: str | None,  # noqa: F811
+def test_write_access_is_checked_before_uploading(hub: HubServer, merged: Path, token: str | None,
                                                   repo: str, expected: str) -> None:
     with pytest.raises(HubError) as e:
         mhub.push_folder(merged, repo, token=token, private=False)
@@ -283,12 +283,12 @@ def test_write_access_is_checked_before_uploading(hub: HubServer, merged: Path, 
     assert not any(hub.stats.requests[k] for k in ("create", "preupload", "lfs_batch", "commit"))
 
 
-def test_org_namespace_with_write_role(hub: HubServer, merged: Path) -> None:  # noqa: F811
+def test_org_namespace_with_write_role(hub: HubServer, merged: Path) -> None:
     mhub.push_folder(merged, "acme/merged", token=WRITE, private=False)
     assert RECIPE_FILE in hub.repo_files("acme/merged")
 
 
-def test_fine_grained_token_scopes(hub: HubServer, merged: Path) -> None:  # noqa: F811
+def test_fine_grained_token_scopes(hub: HubServer, merged: Path) -> None:
     hub.add_token("hf_fine", "alice", "fineGrained", writable=["acme"])
     with pytest.raises(HubError) as e:
         mhub.push_folder(merged, "alice/merged", token="hf_fine", private=False)
@@ -298,13 +298,13 @@ def test_fine_grained_token_scopes(hub: HubServer, merged: Path) -> None:  # noq
 
 
 @pytest.mark.parametrize("name", ["merged", "alice/a--b", "alice/..x", "alice/", "alice/x.git", "alice/" + "x" * 97])
-def test_invalid_repo_names(hub: HubServer, merged: Path, name: str) -> None:  # noqa: F811
+def test_invalid_repo_names(hub: HubServer, merged: Path, name: str) -> None:
     with pytest.raises(HubError, match="is not a valid repository name"):
         mhub.push_folder(merged, name, token=WRITE, private=False)
     assert sum(hub.stats.requests.values()) == 0
 
 
-def test_gguf_files_go_to_their_own_repo(hub: HubServer, merged: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_gguf_files_go_to_their_own_repo(hub: HubServer, merged: Path, tmp_path: Path) -> None:
     gguf = tmp_path / "merged-Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF" + bytes(1000))
     result = mhub.push_folder(merged, "alice/merged", token=WRITE, private=False, gguf_files=[gguf])
@@ -317,7 +317,7 @@ def test_gguf_files_go_to_their_own_repo(hub: HubServer, merged: Path, tmp_path:
     mhub.push_folder(merged, "alice/merged", token=WRITE, private=False, gguf_files=[gguf])  # ours: updatable
 
 
-def test_token_never_logged_or_shown(hub: HubServer, tiny: dict[str, Path], merged: Path,  # noqa: F811
+def test_token_never_logged_or_shown(hub: HubServer, tiny: dict[str, Path], merged: Path,
                                      caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
     secret = "hf_CANARYcanary0123456789abcdef"
     hub.add_token(secret, "alice", "write")

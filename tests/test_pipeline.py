@@ -18,7 +18,6 @@ from merger import tiny
 from merger.pipeline import merge_local, resolve_local
 from merger.recipe import parse_recipe
 from merger.sources import read_local_headers
-from tests.hubserver import hub  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_alice_write"
@@ -54,7 +53,7 @@ def tensor_bytes_served(server, repos: dict[str, Path]) -> int:
 
 
 @pytest.fixture
-def hub_models(hub, llama_family):  # noqa: F811
+def hub_models(hub, llama_family):
     repos = {"acme/base": llama_family["base"], "acme/chat": llama_family["chat"], "acme/med": llama_family["med"]}
     for repo, folder in repos.items():
         hub.upload_folder(folder, repo)
@@ -74,7 +73,7 @@ dtype: float16
 """
 
 
-def test_check_of_hub_models_reads_no_tensor_bytes(hub, hub_models, tmp_path: Path) -> None:  # noqa: F811
+def test_check_of_hub_models_reads_no_tensor_bytes(hub, hub_models, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yml"
     recipe.write_text(TIES)
     before = hub.stats.total_bytes()
@@ -87,7 +86,7 @@ def test_check_of_hub_models_reads_no_tensor_bytes(hub, hub_models, tmp_path: Pa
     assert hub.stats.total_bytes() - before < 100_000  # configs, tokenizer configs and headers only
 
 
-def test_run_stops_before_any_download_when_the_check_fails(hub, hub_models, qwen_family, tmp_path) -> None:  # noqa: F811
+def test_run_stops_before_any_download_when_the_check_fails(hub, hub_models, qwen_family, tmp_path) -> None:
     hub.upload_folder(qwen_family["a"], "acme/qwen")
     recipe = tmp_path / "r.yml"
     recipe.write_text(TIES.replace("acme/med", "acme/qwen"))
@@ -99,7 +98,7 @@ def test_run_stops_before_any_download_when_the_check_fails(hub, hub_models, qwe
     assert not (tmp_path / "out").exists()
 
 
-def test_run_push_gguf_then_reproduce_from_the_pushed_recipe(hub, hub_models, tmp_path: Path) -> None:  # noqa: F811
+def test_run_push_gguf_then_reproduce_from_the_pushed_recipe(hub, hub_models, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yml"
     recipe.write_text(TIES)
     out = tmp_path / "out"
@@ -140,7 +139,7 @@ def test_run_push_gguf_then_reproduce_from_the_pushed_recipe(hub, hub_models, tm
     assert sizes <= model_bytes < sizes + 100_000  # each model's weights downloaded once (plus header reads)
 
 
-def test_push_refuses_a_token_without_write_access_before_merging(hub, hub_models, tmp_path) -> None:  # noqa: F811
+def test_push_refuses_a_token_without_write_access_before_merging(hub, hub_models, tmp_path) -> None:
     recipe = tmp_path / "r.yml"
     recipe.write_text(TIES)
     result = cli("run", str(recipe), str(tmp_path / "out"), "--push", "acme-other/x", "--token", "hf_alice_read")
@@ -150,7 +149,7 @@ def test_push_refuses_a_token_without_write_access_before_merging(hub, hub_model
     assert not (tmp_path / "out").exists() and tensor_bytes_served(hub, hub_models) == 0
 
 
-def test_gated_and_missing_models_give_actionable_messages(hub, hub_models, tmp_path) -> None:  # noqa: F811
+def test_gated_and_missing_models_give_actionable_messages(hub, hub_models, tmp_path) -> None:
     hub.upload_folder(hub_models["acme/med"], "meta/gated", gated=True)
     recipe = tmp_path / "r.yml"
     recipe.write_text(TIES.replace("acme/med", "meta/gated"))

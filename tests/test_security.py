@@ -20,7 +20,7 @@ from merger.pipeline import RunOptions, run
 from merger.recipe import parse_recipe
 from merger.tiny import make_tiny_model
 from tests.conftest import ACME_TIES_RECIPE as RECIPE
-from tests.hubserver import HubServer, hub  # noqa: F401 - the fixture
+from tests.hubserver import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_SeCrEt_reliability_0123456789abcdef"  # recognisable anywhere it might leak
@@ -32,7 +32,7 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def published(hub: HubServer, tiny: dict[str, Path]) -> HubServer:  # noqa: F811
+def published(hub: HubServer, tiny: dict[str, Path]) -> HubServer:
     hub.add_token(SECRET, "alice", "write")
     hub.upload_folder(tiny["base"], "acme/base")
     hub.upload_folder(tiny["chat"], "acme/chat")
