@@ -52,14 +52,23 @@ BOUNDED_AFTER = 5  # memory is compared with the peak once this many merges had 
 
 # ---------------------------------------------------------------- the server process
 
-def serve(root: Path, port: int) -> None:
-    """The app as `app.main` runs it, but with its outputs and demo models under `root`."""
+def serve(root: Path, port: int, pace: float = 0.0) -> None:
+    """The app as `app.main` runs it, but with its outputs and demo models under `root`.
+
+    `pace` > 0 makes every merge last at least that long (a pause when its merge stage starts): the
+    demo models merge in a fraction of a second, so on a fast machine a queue would barely form.
+    """
     demo.quiet_environment()
     import app
+    from merger.jobs import JobManager
+
+    def hold(job, event) -> None:  # noqa: ANN001
+        if event.stage == "merge" and event.fraction == 0:
+            time.sleep(pace)
 
     settings = demo.Settings(space=False, host=LOOPBACK, port=port, outputs_dir=root / "outputs",
                              demo_dir=root / "demo_models")
-    blocks = app.build_app(settings)
+    blocks = app.build_app(settings, JobManager(hook=hold) if pace > 0 else None)
     blocks.queue(default_concurrency_limit=1)
     blocks.launch(server_name=LOOPBACK, server_port=port, ssr_mode=False, quiet=True)
 
@@ -73,8 +82,8 @@ def free_port() -> int:
 class Server:
     """`bench/load.py --serve` in a child process; ready once its /config answers."""
 
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
+    def __init__(self, root: Path, port: int, pace: float = 0.0) -> None:
+        self.root, self.port, self.pace = root, port, pace
         self.url = f"http://{LOOPBACK}:{port}"
         self.log_path = root / "server.log"
         self.proc: subprocess.Popen | None = None
@@ -85,7 +94,7 @@ class Server:
         env.pop("SPACE_ID", None)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, __file__, "--serve", "--root", str(self.root),
-                                          "--port", str(self.port)], env=env, stdout=log,
+                                          "--port", str(self.port), "--pace", str(self.pace)], env=env, stdout=log,
                                          stderr=subprocess.STDOUT, cwd=self.root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -371,7 +380,7 @@ class LoadReport:
 
 
 def run_load(users: int, *, waves: int = 1, timeout: float = 600.0, gguf_every: int = 2,
-             bounded_after: int = BOUNDED_AFTER, root: Path | None = None,
+             bounded_after: int = BOUNDED_AFTER, root: Path | None = None, pace: float = 0.0,
              echo: Callable[[str], None] = lambda s: None) -> LoadReport:
     """Start the app, run `waves` crowds of `users` simultaneous users one after the other, stop it; all
     within `timeout` seconds. Memory is compared between the peak until the `bounded_after`-th merge
@@ -380,7 +389,7 @@ def run_load(users: int, *, waves: int = 1, timeout: float = 600.0, gguf_every: 
     root = Path(tempfile.mkdtemp(prefix="merger-load-")) if root is None else root
     t0 = time.monotonic()
     deadline = t0 + timeout
-    server = Server(root, free_port())
+    server = Server(root, free_port(), pace)
     try:
         server.start(timeout=min(180.0, timeout))
         startup_s = time.monotonic() - t0
@@ -508,14 +517,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--pace", type=float, default=0.0, help="make every merge last at least this many seconds")
     args = ap.parse_args(argv)
     if args.serve:
-        serve(args.root, args.port)
+        serve(args.root, args.port, args.pace)
         return 0
     n = 5 if args.quick else args.users
     if not 1 <= n <= 100 or not 1 <= args.waves <= 10:
         ap.error("--users must be between 1 and 100, --waves between 1 and 10")
-    report = run_load(n, waves=args.waves, timeout=args.timeout, gguf_every=args.gguf_every, echo=print)
+    report = run_load(n, waves=args.waves, timeout=args.timeout, gguf_every=args.gguf_every, pace=args.pace,
+                      echo=print)
     print(format_report(report))
     return 0 if not report.errors() and report.completed("merge") == n * args.waves else 1
 
