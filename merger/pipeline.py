@@ -6,13 +6,14 @@ removed, so a failure never leaves a half-written output folder or a half-pushed
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from . import architecture as arch
 from .card import RECIPE_FILE
@@ -81,7 +82,6 @@ def inspect_models(recipe: Recipe, folders: Mapping[ModelRef, Path], *, allow_bi
 
 def load_vocab(folder: Path) -> dict[str, int] | None:
     """Token -> id from tokenizer.json (model vocab plus added tokens), or None when absent."""
-    import json
 
     path = folder / "tokenizer.json"
     if not path.exists():
@@ -100,8 +100,15 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                 seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, allow_bin: bool = False,
                 overwrite: bool = False, progress: EventCallback | None = None,
                 cancel: threading.Event | None = None,
+                extra_sinks: Callable[[Path, MergePlan, dict], list[Any]] | None = None,
                 before_commit: Callable[[Path, MergePlan], list[str]] | None = None) -> RunResult:
-    """Merge models already on disk into out_dir (mergekit's layout), atomically."""
+    """Merge models already on disk into out_dir (mergekit's layout), atomically.
+
+    `extra_sinks(tmp, plan, config)` may add outputs fed with every merged tensor as it is produced
+    (objects with write(name, tensor), close() and abort(), e.g. a GGUF stream); the tokenizer files
+    are in `tmp` before the merge starts, config.json is written only after it (a folder killed
+    mid-merge has no config, so nothing can load it).
+    """
     started = time.monotonic()
     infos = inspect_models(recipe, folders, allow_bin=allow_bin)
     vocabs = None
@@ -110,41 +117,37 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
     plan = plan_merge(recipe, infos, vocabs=vocabs)
     tmp = prepare_output(out_dir, overwrite=overwrite)
     readers = {}
+    sinks: list[Any] = []
     try:
+        config = arch.output_config(infos[plan.reference].config, num_layers=plan.num_layers,
+                                    vocab_size=plan.vocab_size, dtype=plan.out_dtype,
+                                    tie_word_embeddings=plan.tie_word_embeddings, layer_sources=plan.layer_sources)
+        files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp)
         readers = {ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
         writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
                                shard_size=shard_size, metadata={"mergekit_method": recipe.method})
+        sinks = extra_sinks(tmp, plan, config) if extra_sinks is not None else []
 
         def on_progress(p: Progress) -> None:
             if progress:
                 progress(Event("merge", p.done / max(p.total, 1), p.message, p.bytes_done, p.bytes_total))
 
         MergeRunner(plan, readers, device=device, seed=seed, progress=on_progress, cancel=cancel).run(
-            [writer.write])
-        files = writer.finish()
-        _cancelled(cancel)
-        ref_folder = folders[plan.reference]
-        ref_info = infos[plan.reference]
-        config = arch.output_config(ref_info.config, num_layers=plan.num_layers, vocab_size=plan.vocab_size,
-                                    dtype=plan.out_dtype, tie_word_embeddings=plan.tie_word_embeddings,
-                                    layer_sources=plan.layer_sources)
+            [writer.write, *(sink.write for sink in sinks)])
+        files += writer.finish()
         write_json(tmp / "config.json", config)
         files.append("config.json")
-        if (ref_folder / "generation_config.json").is_file():
-            shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
-            files.append("generation_config.json")
-        tok_src = plan.reference
-        if isinstance(recipe.tokenizer_source, ModelRef):
-            tok_src = recipe.tokenizer_source
-        files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template)
-        (tmp / RECIPE_FILE).write_text(recipe.text if recipe.text.endswith("\n") else recipe.text + "\n",
-                                       encoding="utf-8")
-        files.append(RECIPE_FILE)
+        for sink in sinks:
+            sink.close()  # what became of its files is before_commit's business (it may delete them)
+        sinks = []
+        _cancelled(cancel)
         if before_commit is not None:
             files += before_commit(tmp, plan)
         _cancelled(cancel)
         commit_output(tmp, out_dir)
     except BaseException as e:
+        for sink in sinks:
+            sink.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise ModelError(os_error_message(e, out_dir)) from None
@@ -152,8 +155,24 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
     finally:
         for r in readers.values():
             r.close()
-    return RunResult(out_dir.resolve(), sorted(files), plan, list(plan.warnings),
+    return RunResult(out_dir.resolve(), sorted(set(files)), plan, list(plan.warnings),
                      seconds=time.monotonic() - started)
+
+
+def _write_tokenizer_and_recipe(recipe: Recipe, plan: MergePlan, folders: Mapping[ModelRef, Path],
+                                tmp: Path) -> list[str]:
+    """Generation config and tokenizer of the reference (or tokenizer_source) model, and the recipe."""
+    files = []
+    ref_folder = folders[plan.reference]
+    if (ref_folder / "generation_config.json").is_file():
+        shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
+        files.append("generation_config.json")
+    tok_src = recipe.tokenizer_source if isinstance(recipe.tokenizer_source, ModelRef) else plan.reference
+    files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template)
+    (tmp / RECIPE_FILE).write_text(recipe.text if recipe.text.endswith("\n") else recipe.text + "\n",
+                                   encoding="utf-8")
+    files.append(RECIPE_FILE)
+    return files
 
 
 def os_error_message(e: OSError, where: Path) -> str:
@@ -261,13 +280,26 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     ggufs: list[Path] = []
     sanity: dict[str, str] = {}
 
+    gguf_name = output_name.split("/")[-1]
+    streamed: list[Path] = []
+
+    def gguf_stream(tmp: Path, plan: MergePlan, config: dict) -> list[Any]:
+        """The unquantized GGUF, written from the merged tensors as they are produced: one pass."""
+        from quantize.convert import GGUFStream, gguf_file_name
+        from quantize.llama import base_gguf_type
+
+        base_type = base_gguf_type(outtype, quants)
+        streamed.append(tmp / gguf_file_name(gguf_name, base_type))
+        return [GGUFStream(streamed[0], config, tmp, [(o.name, o.shape) for o in plan.outputs], base_type,
+                           name=gguf_name)]
+
     def finalize(tmp: Path, plan: MergePlan) -> list[str]:
         files: list[str] = []
         if options.gguf:
             from quantize.llama import export_gguf
 
-            name = output_name.split("/")[-1]
-            ggufs.extend(export_gguf(tmp, tmp, name, outtype, quants, cancel=lambda: bool(cancel and cancel.is_set()),
+            ggufs.extend(export_gguf(tmp, tmp, gguf_name, outtype, quants, converted=streamed[0],
+                                     cancel=lambda: bool(cancel and cancel.is_set()),
                                      progress=lambda msg, frac: report(Event("gguf", frac, msg))))
             files += [p.name for p in ggufs]
             sanity.update(_verify(ggufs, tmp, plan, report))
@@ -280,7 +312,8 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
 
     result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
                          shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
-                         progress=report, cancel=cancel, before_commit=finalize)
+                         progress=report, cancel=cancel, before_commit=finalize,
+                         extra_sinks=gguf_stream if options.gguf else None)
     result.gguf_files = [result.out_dir / p.name for p in ggufs]
     result.sanity = sanity or None
     if options.push:

@@ -214,6 +214,11 @@ def verify_gguf(
         llm.close()
 
 
+def base_gguf_type(outtype: str | None, quants: Sequence[str]) -> str:
+    """The unquantized type everything starts from: the requested F32/BF16/F16, else F16."""
+    return outtype if outtype in ("f32", "f16", "bf16") or not quants else "f16"
+
+
 def export_gguf(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -224,12 +229,15 @@ def export_gguf(
     split_max_size: int = HUB_FILE_LIMIT,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    converted: Path | None = None,
 ) -> list[Path]:
     """Write `NAME-<TYPE>.gguf` files for `outtype` and each of `quants`; returns every file written.
 
     Quantization starts from an F16 (or the requested F32/BF16) file; that intermediate is deleted when
     it was not asked for. Files larger than `split_max_size` are split in the gguf-split layout.
     Everything is checked before the first byte is written; on error or cancel nothing is left behind.
+    `converted` is that base file when it was already written (streamed during a merge, at
+    out_dir / gguf_file_name(name, base_gguf_type(outtype, quants))): it is not converted again.
     """
     quants = [check_quant_type(q) for q in quants]
     if outtype is not None and outtype not in OUTTYPES:
@@ -240,17 +248,20 @@ def export_gguf(
         _llama_cpp()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_type = outtype if outtype in ("f32", "f16", "bf16") or not quants else "f16"
+    base_type = base_gguf_type(outtype, quants)
     report = progress or (lambda message, fraction: None)
     written: list[Path] = []
     base: Path | None = None
     try:
         base = out_dir / gguf_file_name(name, base_type)
-        report(f"converting to {base.name}", 0.0)
-        convert_folder(
-            model_dir, base, base_type, name=name, cancel=cancel,
-            progress=lambda done, total: report(f"converting to {base.name}", done / max(total, 1)),
-        )
+        if converted is None:
+            report(f"converting to {base.name}", 0.0)
+            convert_folder(
+                model_dir, base, base_type, name=name, cancel=cancel,
+                progress=lambda done, total: report(f"converting to {base.name}", done / max(total, 1)),
+            )
+        elif Path(converted) != base:
+            raise GGUFError(f"the streamed GGUF is {Path(converted).name}; expected {base.name}")
         keep_base = base_type == outtype
         if keep_base:
             written.append(base)

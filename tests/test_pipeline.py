@@ -201,3 +201,41 @@ dtype: float32
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert type(model).__name__ == "PhiForCausalLM"
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_gguf_is_streamed_during_the_merge_and_equals_a_separate_conversion(
+        llama_family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge + GGUF is one pass: the F16 file is written from the merged tensors as they are produced,
+    and it holds what converting the finished folder gives (same tensors and values, same metadata)."""
+    import gguf
+    import numpy as np
+
+    import quantize.convert as qc
+    from merger.pipeline import RunOptions, run
+
+    recipe = parse_recipe(f"""models:
+  - model: {llama_family['base']}
+  - model: {llama_family['chat']}
+merge_method: slerp
+base_model: {llama_family['base']}
+parameters: {{t: 0.4}}
+""")
+    written: list[str] = []
+    original_write = qc.GGUFStream.write
+
+    def spy(self, name, tensor):  # noqa: ANN001, ANN202
+        written.append(name)
+        return original_write(self, name, tensor)
+
+    monkeypatch.setattr(qc.GGUFStream, "write", spy)
+    result = run(recipe, RunOptions(out_dir=tmp_path / "out", device="cpu", gguf=("F16", "Q8_0")))
+    assert {p.name for p in result.gguf_files} == {"out-F16.gguf", "out-Q8_0.gguf"}
+    assert written == [o.name for o in result.plan.outputs]  # fed by the merge, tensor by tensor
+    monkeypatch.undo()
+    separate = qc.convert_folder(result.out_dir, tmp_path / "separate-F16.gguf", "f16", name="out")[0]
+    ours, theirs = gguf.GGUFReader(result.out_dir / "out-F16.gguf"), gguf.GGUFReader(separate)
+    by_name = {t.name: t for t in theirs.tensors}
+    assert {t.name for t in ours.tensors} == set(by_name)
+    for t in ours.tensors:
+        assert np.array_equal(np.asarray(t.data), np.asarray(by_name[t.name].data)), t.name
+    assert set(ours.fields) == set(theirs.fields)
