@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="mergekit-style YAML recipe file ('-' reads standard input)")
-        sp.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN or your saved login)")
+        sp.add_argument("--token", default=os.environ.get("HF_TOKEN") or None,
+                        help="Hugging Face token for gated/private models and pushes (default: $HF_TOKEN)")
         sp.add_argument("--allow-bin", action="store_true",
                         help="also load pickle .bin weights (with torch's safe weights-only loader)")
         sp.add_argument("--gguf", default="", metavar="TYPES",

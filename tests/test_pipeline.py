@@ -239,3 +239,13 @@ parameters: {{t: 0.4}}
     for t in ours.tensors:
         assert np.array_equal(np.asarray(t.data), np.asarray(by_name[t.name].data)), t.name
     assert set(ours.fields) == set(theirs.fields)
+
+
+def test_cli_takes_the_token_from_hf_token(hub, hub_models, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(TIES)
+    result = cli("run", str(recipe), str(tmp_path / "out"), "--push", "alice/from-env",
+                 env_extra={"HF_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert "mergekit_config.yml" in hub.repo_files("alice/from-env")
+    assert TOKEN not in result.stdout + result.stderr
