@@ -357,13 +357,21 @@ def _first(value: Any) -> str | None:
     return str(value) if value else None
 
 
-def _json_file(model: RemoteModel, name: str, token: str | None) -> dict[str, Any]:
+def read_text(model: RemoteModel, name: str, *, token: str | None = None) -> str:
+    """One small text file of a pinned model (cached), with the usual retries and error messages."""
     path = _call(lambda: hf_hub_download(model.repo_id, name, revision=model.sha, cache_dir=hub_cache_dir(),
                                          endpoint=hub_endpoint(), token=token or False),
                  repo_id=model.repo_id, token=token)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{model.repo_id}: {name} is not UTF-8 text; the repo is broken at {model.sha[:10]}") from None
+
+
+def _json_file(model: RemoteModel, name: str, token: str | None) -> dict[str, Any]:
+    try:
+        data = json.loads(read_text(model, name, token=token))
+    except json.JSONDecodeError:
         raise ModelError(f"{model.repo_id}: {name} is not valid JSON; the repo is broken at {model.sha[:10]}") from None
     if not isinstance(data, dict):
         raise ModelError(f"{model.repo_id}: {name} is not a JSON object")

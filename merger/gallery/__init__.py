@@ -63,32 +63,15 @@ def recipe_in_readme(readme: str) -> str | None:
 
 def recipe_from_hub(repo: str, *, token: str | None = None) -> str:
     """The recipe a merged Hub model was made from: its mergekit_config.yml, else the README's YAML block."""
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    from ..hub import hub_endpoint
+    from ..hub import read_text, resolve
 
     ref = parse_model_ref(repo, "the model to read a recipe from", allow_local=False)
-    api = HfApi(endpoint=hub_endpoint(), token=token or False)
-    try:
-        files = set(api.list_repo_files(ref.repo, revision=ref.revision, token=token or False))
-        for name in (RECIPE_FILE, "README.md"):
-            if name not in files:
-                continue
-            path = hf_hub_download(ref.repo, name, revision=ref.revision, token=token or False,
-                                   endpoint=hub_endpoint())
-            text = Path(path).read_text(encoding="utf-8")
+    model = resolve(ref, token=token)
+    for name in (RECIPE_FILE, "README.md"):
+        if name in model.files:
+            text = read_text(model, name, token=token)
             found = text if name == RECIPE_FILE else recipe_in_readme(text)
             if found:
                 return found
-    except GatedRepoError:
-        raise HubError(f"{ref} is gated; accept its conditions on its Hub page and sign in") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"model {ref} was not found (or is private); check the name, or sign in") from None
-    except RevisionNotFoundError:
-        raise HubError(f"{ref} has no revision '{ref.revision}'; check the branch, tag or commit") from None
-    except (EntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise HubError(f"could not read {ref} from the Hub ({type(e).__name__}); try again later") from None
     raise HubError(f"{ref} has neither {RECIPE_FILE} nor a YAML recipe block in its README; "
                    "it may not be a merge, or its recipe is not published")
