@@ -45,7 +45,7 @@ ProgressCallback = Callable[[Progress], None]
 @dataclass(frozen=True)
 class SourceTensor:
     model: ModelRef
-    ref: arch.TensorRef | None  # None: this model lacks the tensor (only allowed for an untied head)
+    ref: arch.TensorRef
 
 
 @dataclass(frozen=True)
@@ -153,35 +153,32 @@ def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
     post = [n for n in sorted(non_layer_names) if not _is_pre_layer(n)]
 
     def add(name: str, out_name: str, s: Slice, base: ModelRef | None, t: float, layer: int | None) -> None:
-        sources, params = [], []
-        for src in s.sources:
-            info = infos[src.model]
-            src_name = name if layer is None else arch.rename_layer(name, src.layer_range[0] + layer)
-            sources.append(SourceTensor(src.model, _head_fallback(info, src_name)))
-            params.append(src.params)
-        present = [x for x in sources if x.ref is not None]
-        if not present:
+        refs = [_head_fallback(infos[src.model], name if layer is None
+                               else arch.rename_layer(name, src.layer_range[0] + layer)) for src in s.sources]
+        if all(ref is None for ref in refs):
             return
-        missing = [x for x in sources if x.ref is None]
-        if missing and not arch.is_embedding(infos[missing[0].model], name):
-            raise ModelError(f"tensor {name} is missing in {missing[0].model.display_name} but present in "
-                             f"{present[0].model.display_name}; these models cannot be merged tensor by tensor")
-        shapes = {x.ref.shape for x in present}
-        embedding = any(arch.is_embedding(infos[x.model], name) for x in present)
+        if None in refs:
+            lacking = s.sources[refs.index(None)].model.display_name
+            having = next(src for src, ref in zip(s.sources, refs) if ref is not None).model.display_name
+            raise ModelError(f"tensor {name} is missing in {lacking} but present in {having}; these models "
+                             "cannot be merged tensor by tensor")
+        sources = [SourceTensor(src.model, ref) for src, ref in zip(s.sources, refs)]
+        params = [src.params for src in s.sources]
+        shapes = {x.ref.shape for x in sources}
+        embedding = any(arch.is_embedding(infos[x.model], name) for x in sources)
         rows = vocab = None
-        shape = present[0].ref.shape
+        shape = sources[0].ref.shape
         if len(shapes) > 1:
             if not embedding or len({sh[1:] for sh in shapes}) > 1:
-                detail = ", ".join(f"{x.model.display_name} {list(x.ref.shape)}" for x in present)
+                detail = ", ".join(f"{x.model.display_name} {list(x.ref.shape)}" for x in sources)
                 raise ModelError(f"tensor {name} has different shapes ({detail}); these models have "
                                  "different architectures or sizes and cannot be merged")
-        if embedding and missing:
-            raise ModelError(f"{missing[0].model.display_name} has no {name}; it cannot be merged")
         if embedding and (len(shapes) > 1 or vocabs):
             shape, rows, vocab = _vocab_plan(recipe, name, sources, base, reference, infos, vocabs, warnings)
         base_index = next((i for i, x in enumerate(sources) if x.model == base), None) if base else None
-        dtype = out_dtype if present[0].ref.dtype in FLOAT_DTYPES else present[0].ref.dtype
-        merge = present[0].ref.dtype in FLOAT_DTYPES and not (method.name == "passthrough" and len(sources) == 1
+        stored = sources[0].ref.dtype
+        dtype = out_dtype if stored in FLOAT_DTYPES else stored
+        merge = stored in FLOAT_DTYPES and not (method.name == "passthrough" and len(sources) == 1
                                                              and not _has_scale(s, recipe))
         outputs.append(PlannedOutput(out_name, tuple(shape), dtype, tuple(sources), base_index, t,
                                      tuple(params), s.params, merge, rows, vocab))
@@ -307,13 +304,10 @@ class MergeRunner:
             return False
         return c.is_set() if isinstance(c, threading.Event) else bool(c())
 
-    def _read(self, out: PlannedOutput) -> list[torch.Tensor | None]:
+    def _read(self, out: PlannedOutput) -> list[torch.Tensor]:
         """The raw inputs of `out`, read into reused buffers (free again once the last one was staged)."""
-        tensors: list[torch.Tensor | None] = []
+        tensors: list[torch.Tensor] = []
         for j, s in enumerate(out.sources):
-            if s.ref is None:
-                tensors.append(None)
-                continue
             while len(self._raw) <= j:
                 self._raw.append(torch.empty(0, dtype=torch.uint8))
             nbytes = math.prod(s.ref.shape) * DTYPE_BYTES[s.ref.dtype]
@@ -359,7 +353,7 @@ class MergeRunner:
         if self.progress:
             self.progress(Progress(stage, done, len(self.plan.outputs), bytes_done, self.plan.total_bytes, message))
 
-    def compute(self, out: PlannedOutput, raw: list[torch.Tensor | None], slot: int = 0,
+    def compute(self, out: PlannedOutput, raw: list[torch.Tensor], slot: int = 0,
                 on_staged: Callable[[], None] | None = None) -> torch.Tensor:
         """One output tensor from its raw inputs (already read), in the output dtype, on the CPU.
 
@@ -369,7 +363,7 @@ class MergeRunner:
         """
         out_dtype = TORCH_DTYPES[out.dtype]
         if not out.merge:
-            first = next(x for x in raw if x is not None)
+            first = raw[0]
             if out.rows is not None:
                 first = first[: out.rows]
             _check_finite(out.name, first, out_dtype)
@@ -420,7 +414,7 @@ class MergeRunner:
                 shared[p.name] = resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
         for j, src in enumerate(out.sources):
             values = {}
-            src_name = src.ref.source_name if src.ref else out.name
+            src_name = src.ref.source_name
             own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
             for p in method.params:
                 if not p.per_model or (p.non_base and j == out.base_index):
