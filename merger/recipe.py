@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import RecipeError
+from .output import CHAT_TEMPLATES as NAMED_CHAT_TEMPLATES
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_DEPTH = 64
@@ -36,7 +37,6 @@ MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source",)
-CHAT_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "exaone", "auto")
 
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
@@ -441,9 +441,11 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
     out_dtype = _dtype(data, "out_dtype")
     tokenizer_source = _tokenizer_source(data, ref)
     chat_template = data.get("chat_template")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise RecipeError("chat_template must be a template name (" + ", ".join(CHAT_TEMPLATES) +
-                          ") or a Jinja template string")
+    names = (*NAMED_CHAT_TEMPLATES, "auto")
+    if chat_template is not None and (not isinstance(chat_template, str) or (
+            chat_template not in names and "{{" not in chat_template and "{%" not in chat_template)):
+        raise RecipeError(f"chat_template '{_short(chat_template)}' is neither a template name ({', '.join(names)})"
+                          f"{_suggest(str(chat_template), names)} nor a Jinja template string")
     if isinstance(data.get("name"), (dict, list)):
         raise RecipeError("name must be a string")
 

@@ -384,3 +384,12 @@ merge_method: linear
     merge(text.replace("CHAT", str(llama_family["chat"])), tmp_path / "from-safetensors")
     a, b = load_weights(tmp_path / "from-bin"), load_weights(tmp_path / "from-safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_chat_template_name_is_written_into_the_tokenizer_config(tmp_path: Path, llama_family) -> None:
+    from merger.output import CHAT_TEMPLATES
+
+    merge(f"models:\n  - model: {llama_family['base']}\n    parameters: {{weight: 1}}\n"
+          "merge_method: linear\nchat_template: chatml\n", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATES["chatml"] and "<|im_start|>" in config["chat_template"]
