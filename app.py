@@ -1,6 +1,6 @@
 """The Gradio app: pick models and a recipe, check it in seconds, merge with live progress, publish.
 
-UI and wiring only: the logic lives in merger.demo (recipes, names, rendering), merger.jobs (queued,
+UI and wiring only: the logic lives in merger.app.demo (recipes, names, rendering), merger.app.runs (queued,
 cancellable jobs) and merger.pipeline.
 
 Local mode (SPACE_ID unset, `make run`): serves http://127.0.0.1:7860 offline. Tiny demo models are
@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-from merger import demo
-from merger.demo import Settings
+from merger.app import demo
+from merger.app.demo import Settings
 
 demo.quiet_environment()  # before gradio and huggingface_hub are imported
 
@@ -28,8 +28,8 @@ import gradio as gr  # noqa: E402
 
 from merger import pipeline  # noqa: E402
 from merger.errors import MergerError  # noqa: E402
-from merger.gallery import gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
-from merger.jobs import JobManager  # noqa: E402
+from merger.app.gallery import gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
+from merger.app.runs import RunQueue  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
 from merger.recipe import parse_recipe  # noqa: E402
 
@@ -50,9 +50,9 @@ def _username(profile: gr.OAuthProfile | None) -> str | None:
     return profile.username if profile else None
 
 
-def build_app(settings: Settings, manager: JobManager | None = None) -> gr.Blocks:
+def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
     """The page; `manager` may carry a test hook that paces jobs."""
-    jobs = manager or JobManager()
+    jobs = manager or RunQueue()
     allow_local = settings.allow_local
     gallery = load_gallery()
     demo_models = [str(p) for p in demo.ensure_demo_models(settings.demo_dir).values()] if allow_local else []

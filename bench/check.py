@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
-    from merger.tiny import make_tiny_model
+    from merger.app.tiny import make_tiny_model
     from tests.hubserver import HubServer
 
     with tempfile.TemporaryDirectory() as tmp, HubServer() as server:

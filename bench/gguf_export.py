@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="reuse/keep the synthetic model in this folder")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from merger.tiny import make_tiny_model
+    from merger.app.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "model"

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from merger import demo  # noqa: E402
+from merger.app import demo  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 METHODS = ("slerp", "linear", "ties")
@@ -60,7 +60,7 @@ def serve(root: Path, port: int, pace: float = 0.0) -> None:
     """
     demo.quiet_environment()
     import app
-    from merger.jobs import JobManager
+    from merger.app.runs import RunQueue
 
     def hold(job, event) -> None:  # noqa: ANN001
         if event.stage == "merge" and event.fraction == 0:
@@ -68,7 +68,7 @@ def serve(root: Path, port: int, pace: float = 0.0) -> None:
 
     settings = demo.Settings(space=False, host=LOOPBACK, port=port, outputs_dir=root / "outputs",
                              demo_dir=root / "demo_models")
-    blocks = app.build_app(settings, JobManager(hook=hold) if pace > 0 else None)
+    blocks = app.build_app(settings, RunQueue(hook=hold) if pace > 0 else None)
     blocks.queue(default_concurrency_limit=1)
     blocks.launch(server_name=LOOPBACK, server_port=port, ssr_mode=False, quiet=True)
 

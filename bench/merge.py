@@ -78,7 +78,7 @@ def _run_once(cmd: list[str]) -> tuple[float, float]:
 MAKE_MODELS = """
 import sys, torch
 from pathlib import Path
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 root, layers, hidden, vocab = Path(sys.argv[1]), *map(int, sys.argv[2:5])
 base = make_tiny_model(root / "base", "llama", seed=1, num_layers=layers, hidden=hidden, vocab=vocab,
                        dtype=torch.float16)

@@ -15,11 +15,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("SPACE_ID", None)
 
-from merger.tiny import make_tiny_model  # noqa: E402
+from merger.app.tiny import make_tiny_model  # noqa: E402
 from tests.hubserver import hub  # noqa: E402,F401  (the local Hub-protocol server fixture, for every test)
 
 SHARED_RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"
-GALLERY = Path(__file__).resolve().parents[1] / "merger" / "gallery"
+GALLERY = Path(__file__).resolve().parents[1] / "merger" / "app" / "gallery"
 # The shared examples (CI has shared/ beside the repository; the gallery holds byte-identical copies,
 # tested in test_app.py), plus the gallery's passthrough frankenmerge.
 EXAMPLE_RECIPES = (sorted(SHARED_RECIPES.glob("*.yml"))

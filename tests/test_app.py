@@ -1,4 +1,4 @@
-"""The app's logic without a browser (merger.demo, merger.jobs, merger.gallery), the app served in-process
+"""The app's logic without a browser (merger.app.demo, merger.app.runs, merger.app.gallery), the app served in-process
 and called with gradio_client (publishing with an OAuth token, two users' jobs queued), and the Space
 packaging (Dockerfile, space/README.md)."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merger import demo
+from merger.app import demo
 from merger.errors import HubError, RecipeError
-from merger.gallery import load_gallery, recipe_from_hub, recipe_in_readme
-from merger.jobs import CANCELLED, DONE, FAILED, Job, JobManager
+from merger.app.gallery import load_gallery, recipe_from_hub, recipe_in_readme
+from merger.app.runs import CANCELLED, DONE, FAILED, Run, RunQueue
 from merger.pipeline import Event, check
 from merger.recipe import parse_recipe
 from tests.hubserver import HubServer
@@ -212,7 +212,7 @@ def test_check_rendering(demo_models: list[str]) -> None:
     bad_text = bad_text.replace("t: 0.5", "t: 0.001")
     tiny = Path(demo_models[0]).parent
     other = str(tiny.parent / "qwen")
-    from merger.tiny import make_tiny_model
+    from merger.app.tiny import make_tiny_model
 
     make_tiny_model(other, "qwen2", seed=3)
     report = check(parse_recipe(bad_text.replace(demo_models[1], other)))
@@ -230,7 +230,7 @@ def test_recipe_status_and_errors() -> None:
 
 
 def test_progress_and_log_rendering() -> None:
-    job = Job("abc")
+    job = Run("abc")
     job.status = "running"
     job._on_event(Event("download", 0.25, "org/alpha-7b", 250_000_000, 1_000_000_000))
     job._stage_started -= 10  # 10 s in, a quarter of the bytes: 30 s left
@@ -278,7 +278,7 @@ def test_space_job_runs_in_its_own_temp_folder(tmp_path: Path) -> None:
 
 
 def _local_job(tmp_path: Path, models: list[str], hook=None, method: str = "slerp"):  # noqa: ANN001, ANN202
-    manager = JobManager(hook=hook)
+    manager = RunQueue(hook=hook)
     job = manager.new_job()
     text = demo.starting_recipe(models, method)
     request = demo.job_request(local_settings(tmp_path), text, "", private=False, publish=False, quants=(),
@@ -304,7 +304,7 @@ def test_cancel_mid_merge_stops_and_cleans_up(tmp_path: Path, demo_models: list[
     reached = threading.Event()
     seen: list[str] = []
 
-    def hold(job: Job, event: Event) -> None:
+    def hold(job: Run, event: Event) -> None:
         seen.append(event.stage)
         if event.stage == "merge":
             reached.set()
@@ -353,13 +353,13 @@ def _free_port() -> int:
 
 
 class Recorder:
-    """Job hook: when each job started and stopped merging; paces merges so two users' jobs overlap in time."""
+    """Run hook: when each job started and stopped merging; paces merges so two users' jobs overlap in time."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.spans: dict[str, list[float]] = {}
 
-    def __call__(self, job: Job, event: Event) -> None:
+    def __call__(self, job: Run, event: Event) -> None:
         now = time.monotonic()
         with self.lock:
             self.spans.setdefault(job.job_id, [now, now])[1] = now
@@ -374,7 +374,7 @@ def served(tmp_path: Path, demo_models: list[str], hub: HubServer):  # noqa: ANN
     settings = local_settings(tmp_path)
     settings = demo.Settings(False, "127.0.0.1", _free_port(), settings.outputs_dir, Path(demo_models[0]).parent)
     recorder = Recorder()
-    blocks = app_module.build_app(settings, JobManager(hook=recorder))
+    blocks = app_module.build_app(settings, RunQueue(hook=recorder))
     blocks.queue()
     blocks.launch(server_name="127.0.0.1", server_port=settings.port, prevent_thread_lock=True, quiet=True,
                   ssr_mode=False)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from merger import architecture as arch
 from merger.errors import ModelError
 from merger.sources import TensorHeader, TensorReader
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=100, head_dim=8, pad_token_id=0, bos_token_id=0, eos_token_id=0)

@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from merger import demo
-from merger.jobs import Job, JobManager
+from merger.app import demo
+from merger.app.runs import Run, RunQueue
 from merger.pipeline import Event
 from tests.hubserver import HubServer, use_hub
 
@@ -36,7 +36,7 @@ class Pacer:
         self.hold = threading.Event()
         self.holding = threading.Event()
 
-    def __call__(self, job: Job, event: Event) -> None:
+    def __call__(self, job: Run, event: Event) -> None:
         if event.stage != "merge":
             return
         time.sleep(self.delay)
@@ -69,7 +69,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, hub_server: HubServer) -> I
     settings = demo.Settings(space=False, host="127.0.0.1", port=_free_port(), outputs_dir=root / "outputs",
                              demo_dir=root / "demo_models")
     pacer = Pacer()
-    blocks = app_module.build_app(settings, JobManager(hook=pacer))
+    blocks = app_module.build_app(settings, RunQueue(hook=pacer))
     blocks.queue()
     blocks.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True, quiet=True,
                   ssr_mode=False, css=app_module.CSS)

@@ -15,7 +15,7 @@ from merger import architecture as arch
 from merger.check import GGUF_BITS, Inspection, check_recipe
 from merger.recipe import InputModel, ModelRef, Recipe, Slice
 from merger.sources import read_local_headers
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 
 
 def local(path: Path) -> ModelRef:

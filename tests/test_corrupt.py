@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger.__main__ import main
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 UP = "model.layers.0.mlp.up_proj.weight"

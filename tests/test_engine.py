@@ -16,7 +16,7 @@ from merger.engine import tensor_seed
 from merger.errors import CancelledError, ModelError, RecipeError
 from merger.pipeline import merge_local, resolve_local
 from merger.recipe import parse_recipe
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -75,7 +75,7 @@ HUB_NAMES = ("acme/base", "acme/chat", "acme/med", "acme/qwen", "acme/short")
 @pytest.fixture(scope="module")
 def zoo(llama_family: dict[str, Path], qwen_family: dict[str, Path], models_dir: Path) -> dict[str, Path]:
     """Hub-like names -> local tiny folders: a Llama family, a tied Qwen2 and a 2-layer Llama."""
-    from merger.tiny import make_tiny_model
+    from merger.app.tiny import make_tiny_model
 
     short = make_tiny_model(models_dir / "fuzz-llama-2l", "llama", seed=5, num_layers=2)
     return {"acme/base": llama_family["base"], "acme/chat": llama_family["chat"], "acme/med": llama_family["med"],

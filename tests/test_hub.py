@@ -16,7 +16,7 @@ from merger.card import RECIPE_FILE, ParentInfo, build_card
 from merger.errors import HubError, ModelError
 from merger.recipe import parse_recipe
 from merger.sources import read_local_headers
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 from tests.hubserver import HubServer
 
 WRITE, READ, BOB = "hf_alice_write", "hf_alice_read", "hf_bob_write"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from merger.pipeline import merge_local, resolve_local
 from merger.recipe import parse_recipe
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 from tests.conftest import EXAMPLE_RECIPES
 
 mergekit = pytest.importorskip("mergekit")

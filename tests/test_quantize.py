@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from merger.errors import CancelledError, GGUFError
-from merger.tiny import FAMILIES, make_tiny_model
+from merger.app.tiny import FAMILIES, make_tiny_model
 from merger.sources import TensorReader, read_local_headers
 from quantize.convert import GGUFStream, check_convertible, convert_folder, supported_architectures
 from quantize.llama import EVAL_TEXT, export_gguf, load_gguf, quantize_gguf, split_gguf, verify_gguf

@@ -18,7 +18,7 @@ from merger.__main__ import main
 from merger.errors import HubError, MergerError, ModelError, RecipeError
 from merger.pipeline import RunOptions, run
 from merger.recipe import parse_recipe
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 from tests.conftest import ACME_TIES_RECIPE as RECIPE
 from tests.hubserver import HubServer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from merger.errors import ModelError
-from merger.tiny import make_tiny_model, make_tokenizer_files
+from merger.app.tiny import make_tiny_model, make_tokenizer_files
 from quantize.convert import _adds_dummy_prefix, convert_folder
 
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -171,7 +171,7 @@ _WITHOUT_TEST_EXTRAS = '''
 import sys
 for name in ("transformers", "tokenizers", "google", "google.protobuf", "mergekit"):
     sys.modules[name] = None  # not in requirements.txt: importing them must fail
-from merger.tiny import make_tiny_model
+from merger.app.tiny import make_tiny_model
 from quantize.convert import convert_folder
 for family in ("llama", "gemma"):
     folder = make_tiny_model(sys.argv[1] + "/" + family, family, num_layers=1, tokenizer="sentencepiece")

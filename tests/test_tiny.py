@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from merger.errors import ModelError
-from merger.tiny import FAMILIES, TRAINING_TEXT, make_tiny_model
+from merger.app.tiny import FAMILIES, TRAINING_TEXT, make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -18,14 +18,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from .check import GGUF_BITS, CheckReport
-from .errors import HubError, MergerError, RecipeError
-from .jobs import CANCELLED, FAILED, STAGES, Job, Snapshot
-from .methods import METHODS, REQUIRED, get_method
-from .pipeline import RunOptions
-from .recipe import Recipe, parse_model_ref, parse_recipe
+from ..check import GGUF_BITS, CheckReport
+from ..errors import HubError, MergerError, RecipeError
+from ..methods import METHODS, REQUIRED, get_method
+from ..pipeline import RunOptions
+from ..recipe import Recipe, parse_model_ref, parse_recipe
+from .runs import CANCELLED, FAILED, STAGES, Run, Snapshot
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_HOST, SPACE_HOST, PORT = "127.0.0.1", "0.0.0.0", 7860
 DEMO_MODELS = ("base", "chat", "code")  # a tiny Llama base and two "fine-tunes" of it
 DEFAULT_QUANTS = ("Q4_K_M",)
@@ -137,7 +137,7 @@ def _layer_count(model: str, token: str | None) -> int:
     else:
         from huggingface_hub import hf_hub_download
 
-        from .hub import hub_endpoint
+        from ..hub import hub_endpoint
 
         try:
             path = hf_hub_download(ref.repo, "config.json", revision=ref.revision, token=token or False,
@@ -264,7 +264,7 @@ def publish_target(name: str, token: str | None) -> str:
         raise HubError("publishing needs you to sign in with Hugging Face (locally: set HF_TOKEN)")
     from huggingface_hub import HfApi
 
-    from .hub import hub_endpoint
+    from ..hub import hub_endpoint
 
     try:
         user = HfApi(endpoint=hub_endpoint()).whoami(token=token)["name"]
@@ -378,7 +378,7 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     return JobRequest(recipe, options, job_dir, keep=not settings.space)
 
 
-def follow(job: Job, interval: float = 0.25) -> Iterator[Snapshot]:
+def follow(job: Run, interval: float = 0.25) -> Iterator[Snapshot]:
     """Snapshots of a job whenever it changed, ending with the finished one."""
     last = None
     while True:

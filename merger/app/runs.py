@@ -1,4 +1,5 @@
-"""Merge jobs for the app: each runs pipeline.run in its own thread, reports live, and can be cancelled.
+"""The app's queue of merge runs (not Hugging Face Jobs): each runs pipeline.run in its own thread,
+reports live, and can be cancelled.
 
 A job is created when the user clicks Merge (so it can be cancelled while it still waits in the queue)
 and started when the queue gives it its turn. It owns one folder (the output folder inside it), which
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import CancelledError, MergerError
-from .pipeline import Event, RunOptions, RunResult, run
-from .recipe import Recipe
+from ..errors import CancelledError, MergerError
+from ..pipeline import Event, RunOptions, RunResult, run
+from ..recipe import Recipe
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STAGES = ("check", "download", "merge", "gguf", "verify", "upload")
@@ -28,7 +29,7 @@ MAX_LOG_LINES = 500
 MAX_JOBS_KEPT = 64
 log = logging.getLogger(__name__)
 
-EventHook = Callable[["Job", Event], None]  # called in the worker after each event (tests pause here)
+EventHook = Callable[["Run", Event], None]  # called in the worker after each event (tests pause here)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def read_outcome(result: RunResult, *, kept: bool) -> Outcome:
 
 
 @dataclass
-class Job:
+class Run:
     """One merge: created queued, started once, cancellable at any time (a cancel before start wins)."""
 
     job_id: str
@@ -188,24 +189,24 @@ class Job:
         return elapsed * (1 - done) / done
 
 
-class JobManager:
+class RunQueue:
     """The app's jobs by id, so a Cancel click (another request) reaches the job its session started."""
 
     def __init__(self, hook: EventHook | None = None) -> None:
         self.hook = hook
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Run] = {}
         self._lock = threading.Lock()
 
-    def new_job(self) -> Job:
+    def new_job(self) -> Run:
         with self._lock:
             done = [k for k, j in self._jobs.items() if j.finished]
             for key in done[: max(0, len(self._jobs) - MAX_JOBS_KEPT)]:
                 del self._jobs[key]
-            job = Job(uuid.uuid4().hex[:12], hook=self.hook)
+            job = Run(uuid.uuid4().hex[:12], hook=self.hook)
             self._jobs[job.job_id] = job
             return job
 
-    def get(self, job_id: str | None) -> Job | None:
+    def get(self, job_id: str | None) -> Run | None:
         with self._lock:
             return self._jobs.get(job_id or "")
 

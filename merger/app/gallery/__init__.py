@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import HubError, RecipeError
-from ..recipe import parse_model_ref
+from ...errors import HubError, RecipeError
+from ...recipe import parse_model_ref
 
 GALLERY_DIR = Path(__file__).resolve().parent
 RECIPE_FILE = "mergekit_config.yml"
@@ -63,7 +63,7 @@ def recipe_in_readme(readme: str) -> str | None:
 
 def recipe_from_hub(repo: str, *, token: str | None = None) -> str:
     """The recipe a merged Hub model was made from: its mergekit_config.yml, else the README's YAML block."""
-    from ..hub import read_text, resolve
+    from ...hub import read_text, resolve
 
     ref = parse_model_ref(repo, "the model to read a recipe from", allow_local=False)
     model = resolve(ref, token=token)
