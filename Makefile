@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
+# llama.cpp's converter (the GGUF reference, and the export for families we do not stream), installed once.
+CONVERTER := $(VENV)/share/llama.cpp-convert/convert_hf_to_gguf.py
 # llama-cpp-python is built from source: portable flags, both cores; pip caches the wheel.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
@@ -24,13 +26,17 @@ $(TEST_STAMP): requirements.txt requirements-test.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $(RUN_STAMP) $@
 
-run: $(RUN_STAMP)
+$(CONVERTER): requirements.txt | $(RUN_STAMP)
+	$(PY) -m quantize.upstream install
+	touch $@
+
+run: $(RUN_STAMP) $(CONVERTER)
 	$(PY) app.py
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(CONVERTER)
 	$(PY) -m pytest
 
-bench: $(TEST_STAMP)
+bench: $(TEST_STAMP) $(CONVERTER)
 	$(PY) bench/merge.py
 
 clean:

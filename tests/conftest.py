@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -85,24 +84,8 @@ convert_hf_to_gguf.main()
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_converter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python source package (pip's cache makes it quick)."""
-    import tarfile
+def llama_cpp_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, installed by the set-up step (`make test`); missing is an error."""
+    from quantize.upstream import converter_dir
 
-    root = tmp_path_factory.mktemp("llama_cpp_sdist")
-    import llama_cpp
-
-    version = llama_cpp.__version__
-    got = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-         f"llama-cpp-python=={version}", "-d", str(root)], capture_output=True, text=True, timeout=600,
-    )
-    archives = list(root.glob("*.tar.gz"))
-    if got.returncode != 0 or not archives:
-        pytest.skip(f"llama-cpp-python {version} source package unavailable: {got.stderr.strip()[-200:]}")
-    prefix = f"{archives[0].name[:-len('.tar.gz')]}/vendor/llama.cpp/"
-    with tarfile.open(archives[0]) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
-        tar.extractall(root, members=members, filter="data")
-    return root / prefix
+    return converter_dir()
