@@ -9,12 +9,15 @@ reference; the export uses it for architectures the streaming converter does not
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from merger.errors import GGUFError
@@ -43,25 +46,48 @@ def _llama_cpp_version() -> str:
     return version("llama-cpp-python")
 
 
+def _download_sdist(ver: str, folder: Path) -> Path:
+    """The sdist from the package index's JSON simple API (PEP 691), checked against its sha256.
+    (`pip download` would also build the package's metadata: a minute or more for nothing.)"""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    name = f"llama_cpp_python-{ver}.tar.gz"
+    try:
+        req = urllib.request.Request(f"{index}/llama-cpp-python/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            files = json.load(resp)["files"]
+        entry = next((f for f in files if f["filename"] == name), None)
+        if entry is None:
+            raise GGUFError(f"{index} lists no {name}")
+        url = urllib.parse.urljoin(f"{index}/llama-cpp-python/", entry["url"])
+        digest = hashlib.sha256()
+        path = folder / name
+        with urllib.request.urlopen(url, timeout=600) as resp, open(path, "wb") as out:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        expected = entry["hashes"]["sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise GGUFError(f"could not download {name} from {index}: {exc}") from None
+    if digest.hexdigest() != expected:
+        raise GGUFError(f"{name} from {index} does not match the index's sha256; try again")
+    return path
+
+
 def install(target: Path | None = None) -> Path:
-    """Download the llama-cpp-python sdist of the installed version (pip's cache makes a repeat quick) and
-    extract the converter files into `target`. Idempotent: a folder stamped with the same version is kept."""
+    """Download the llama-cpp-python sdist of the installed version and extract the converter files into
+    `target`. Idempotent: a folder stamped with the same version is kept."""
     target = target or default_dir()
     ver = _llama_cpp_version()
     stamp = target / ".version"
     if stamp.is_file() and stamp.read_text().strip() == ver and (target / CONVERTER).is_file():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                              f"llama-cpp-python=={ver}", "-d", tmp], capture_output=True, text=True)
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if got.returncode != 0 or not archives:
-            raise GGUFError(f"could not download the llama-cpp-python {ver} source package: "
-                            f"{got.stderr.strip().splitlines()[-1:] or ['no archive']}")
-        prefix = f"{archives[0].name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+        archive = _download_sdist(ver, Path(tmp))
+        prefix = f"{archive.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent))
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             members = []
             for m in tar.getmembers():
                 rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
