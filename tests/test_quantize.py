@@ -20,8 +20,8 @@ from quantize.convert import GGUFStream, check_convertible, convert_folder, supp
 from quantize.llama import EVAL_TEXT, export_gguf, load_gguf, quantize_gguf, split_gguf, verify_gguf
 from quantize.reference import reference_logits
 
-llama_cpp = pytest.importorskip("llama_cpp")
-transformers = pytest.importorskip("transformers")
+import llama_cpp  # noqa: E402  (test requirements: missing is an error, never a skip)
+import transformers  # noqa: E402
 
 IDS = [5, 300, 301, 17, 120, 250, 260, 99, 42, 7, 330, 64]
 TEXTS = [
