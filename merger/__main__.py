@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--gguf-repo", action="store_true", help="push GGUF files to a separate OWNER/NAME-GGUF repo")
     r.add_argument("--overwrite-repo", action="store_true",
                    help="allow pushing to an existing repository that this tool did not create")
+    r.add_argument("--allow-local-paths", action="store_true",
+                   help="let --push publish the folder paths of local parents that have no Hub origin (by "
+                   "default refused; Hub-cache snapshots are always published as org/name@commit)")
     r.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
@@ -137,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
                          overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
+                         allow_local_paths=args.allow_local_paths,
                          allow_local=not os.environ.get("SPACE_ID"))
     bar = StderrProgress()
     cancel = threading.Event()

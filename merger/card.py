@@ -7,13 +7,16 @@ The card also carries this tool's tag, which is how a later push recognises a re
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from .errors import RecipeError
 from .methods import get_method
 from .recipe import InputModel, ModelRef, Recipe
 
@@ -174,6 +177,70 @@ def license_conflict(parents: Sequence[ParentInfo]) -> str | None:
     if not issues:
         return None
     return "; ".join(issues) + "; check the licences before publishing"
+
+
+# ---------------------------------------------------------------- local parents of a published merge
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_CACHE_REPO = re.compile(r"models--([\w.-]+?)(?:--([\w.-]+))?")
+
+
+def hub_origin(folder: str | Path) -> ModelRef | None:
+    """The Hub repo and commit of a Hugging Face cache snapshot (`.../models--org--name/snapshots/<sha>`);
+    None for any other folder (a subfolder of a snapshot included: that is not the repo's model)."""
+    parts = Path(str(folder).rstrip("/\\")).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not _COMMIT.fullmatch(parts[-1]):
+        return None
+    match = _CACHE_REPO.fullmatch(parts[-3])
+    if match is None or "--" in (match.group(2) or ""):
+        return None
+    repo = f"{match.group(1)}/{match.group(2)}" if match.group(2) else match.group(1)
+    return ModelRef(repo, parts[-1], False)
+
+
+def publishable_recipe(recipe: Recipe, *, allow_local_paths: bool = False) -> Recipe:
+    """The recipe as it may be published (card, mergekit_config.yml): each local folder that is a Hub-cache
+    snapshot becomes `org/name@sha` in the text and the models; a folder with no Hub origin is refused
+    (one line) unless `allow_local_paths`, in which case its path is published as written."""
+    origins = {ref: hub_origin(ref.repo) for ref in recipe.referenced_models() if ref.local}
+    if not origins:
+        return recipe
+    text, rewritten = _rewrite_snapshot_paths(recipe.text)
+    for ref, origin in origins.items():
+        if origin is None and not allow_local_paths:
+            raise RecipeError(f"publishing would write the local folder {ref.repo} into the public card and "
+                              f"{RECIPE_FILE}, and it has no Hub origin; name the model by its Hub repo ID "
+                              "(org/name), or pass --allow-local-paths to publish the path as written")
+        if origin is not None and origin not in rewritten and not allow_local_paths:
+            raise RecipeError(f"{ref.repo} is the Hub model {origin} but the recipe names it by another path; "
+                              f"write '{origin}' in the recipe instead, so the published recipe names it")
+    published = recipe.with_models({ref: origin for ref, origin in origins.items() if origin in rewritten})
+    return dataclasses.replace(published, text=text)
+
+
+def _rewrite_snapshot_paths(text: str) -> tuple[str, set[ModelRef]]:
+    """Replace every YAML scalar that is a Hub-cache snapshot path by `org/name@sha`, keeping the rest of
+    the text (comments, order, spacing) as the user wrote it."""
+    spans: list[tuple[int, int, ModelRef]] = []
+
+    def walk(node: yaml.Node, key: str | None) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            origin = hub_origin(node.value) if key != "chat_template" and node.style not in ("|", ">") else None
+            if origin is not None:
+                spans.append((node.start_mark.index, node.end_mark.index, origin))
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, key)
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                walk(v, k.value if isinstance(k, yaml.ScalarNode) else None)
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)  # already parsed once with the recipe's limits
+    if root is not None:
+        walk(root, None)
+    for start, end, origin in sorted(spans, key=lambda s: s[0], reverse=True):
+        text = text[:start] + str(origin) + text[end:]
+    return text, {origin for _, _, origin in spans}
 
 
 # ---------------------------------------------------------------- the card

@@ -617,11 +617,30 @@ def _hub_error(e: BaseException, repo_id: str | None, *, token: str | None, revi
     elif isinstance(cause, ValueError) and "Invalid metadata in README.md" in str(cause):
         detail = " ".join(str(cause).split("\n")[1:2]).lstrip("- ")
         line = f"the Hub refused the model card metadata ({detail}); this is a bug, please report it"
+    elif status is not None:  # an HTTP answer nobody expected (HfHubHTTPError is an OSError too: test first)
+        line = (f"could not {verb} {what}: {_http_answer(cause)}; check the repo ID, revision and token's access, "
+                "or report it with this line")
     elif isinstance(cause, OSError):
         line = f"could not {verb} {what}: {cause.strerror or type(cause).__name__}"
     else:
         line = f"could not {verb} {what} on the Hub ({type(cause).__name__}{f', HTTP {status}' if status else ''})"
     return HubError(_scrub(line + after, token))
+
+
+def _http_answer(e: BaseException) -> str:
+    """`the Hub answered HTTP 451 Unavailable For Legal Reasons to GET <url> ("its message")`: status and
+    request only (the token travels in a header, never shown; a URL's query string may hold a signature)."""
+    response = getattr(e, "response", None)
+    status, reason = _status(e), (getattr(response, "reason_phrase", "") or "").strip()
+    try:
+        request = response.request if response is not None else None
+    except RuntimeError:  # a response built without its request
+        request = None
+    asked = f" to {request.method} {str(request.url).split('?', 1)[0]}" if request is not None else ""
+    message = " ".join(str(getattr(e, "server_message", "") or "").split())[:200]
+    request_id = getattr(e, "request_id", None)
+    return (f"the Hub answered HTTP {status}{f' {reason}' if reason else ''}{asked}"
+            + (f' ("{message}")' if message else "") + (f" [request id {request_id}]" if request_id else ""))
 
 
 def _did_you_mean(repo_id: str, token: str | None) -> str:

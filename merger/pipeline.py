@@ -6,6 +6,7 @@ removed, so a failure never leaves a half-written output folder or a half-pushed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -55,6 +56,7 @@ class RunOptions:
     gguf_repo: bool = False
     overwrite_repo: bool = False
     allow_local: bool = True
+    allow_local_paths: bool = False  # a push may publish local folder paths of parents with no Hub origin
     skip_check: bool = False
 
 
@@ -255,27 +257,36 @@ def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
 def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None = None,
         cancel: threading.Event | None = None) -> RunResult:
     """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure."""
-    from .card import GGUFFileInfo, ParentInfo, build_card, local_license
+    from .card import GGUFFileInfo, ParentInfo, build_card, hub_origin, local_license, publishable_recipe
 
     report = progress or (lambda event: None)
     if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
         raise ModelError("local model folders are not allowed here; name models by their Hub repo ID")
     outtype, quants = _split_gguf_types(options.gguf)
     ensure_output_free(options.out_dir, overwrite=options.overwrite)
+    published = recipe  # what the card and mergekit_config.yml say: no local paths in a pushed repo
     if options.push:
         from .hub import check_write_access, validate_repo_id
 
+        published = publishable_recipe(recipe, allow_local_paths=options.allow_local_paths)
         validate_repo_id(options.push)
         check_write_access(options.push, token=options.token)
     if not options.skip_check:
         _check_or_raise(recipe, options, report)
     folders, remotes = _fetch(recipe, options, report, cancel)
     local = {ref: ModelRef(str(folder), None, True) for ref, folder in folders.items()}
-    local_recipe = recipe.with_models(local)
+    local_recipe = dataclasses.replace(recipe.with_models(local), text=published.text)
     local_folders = {local[ref]: folder for ref, folder in folders.items()}
-    parents = [remotes[ref].parent_info() if ref in remotes else
-               ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
-               for ref in recipe.referenced_models()]
+
+    def parent(ref: ModelRef) -> ParentInfo:
+        if ref in remotes:
+            return remotes[ref].parent_info()
+        origin = hub_origin(ref.repo) if published is not recipe else None
+        if origin is not None:  # a Hub-cache snapshot, published under its repo ID and commit
+            return ParentInfo(origin.repo, origin.revision, local_license(folders[ref]))
+        return ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
+
+    parents = [parent(ref) for ref in recipe.referenced_models()]
     output_name = options.push or options.out_dir.name
     ggufs: list[Path] = []
     sanity: dict[str, str] = {}
@@ -303,7 +314,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                                      progress=lambda msg, frac: report(Event("gguf", frac, msg))))
             files += [p.name for p in ggufs]
             sanity.update(_verify(ggufs, tmp, plan, report))
-        card = build_card(recipe, parents=parents, output_name=output_name,
+        card = build_card(published, parents=parents, output_name=output_name,
                           gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
                           gguf_repo=(f"{options.push}-GGUF" if options.push and options.gguf_repo else None),
                           sanity=sanity or None, seed=options.seed)

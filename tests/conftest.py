@@ -16,6 +16,7 @@ os.environ.pop("SPACE_ID", None)
 
 from merger.app.tiny import make_tiny_model  # noqa: E402
 from tests.hubserver import hub  # noqa: E402,F401  (the local Hub-protocol server fixture, for every test)
+from tests.no_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (skips fail)
 
 SHARED_RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"
 GALLERY = Path(__file__).resolve().parents[1] / "merger" / "app" / "gallery"

@@ -35,7 +35,7 @@ import yaml
 KINDS = ("whoami", "create", "delete", "info", "tree", "paths_info", "resolve_head", "resolve_get",
          "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search")
 FAULTS = ("unauthorized", "forbidden", "gated", "repo_not_found", "entry_not_found", "revision_not_found",
-          "conflict", "rate_limit", "server_error", "drop")
+          "conflict", "rate_limit", "server_error", "drop", "bad_request", "legal")
 WRITE_ROLES = ("admin", "write", "contributor")
 
 # The Hub's licence identifiers (https://huggingface.co/docs/hub/repositories-licenses).
@@ -585,6 +585,9 @@ class _Handler(BaseHTTPRequestHandler):
                                              "RateLimit": f'"api";r=0;t={fault.retry_after}',
                                              "RateLimit-Policy": '"fixed window";"api";q=500;w=300'}),
             "server_error": _HubError(500, "Internal Error - We're working hard to fix this as soon as possible!"),
+            # answers no client code expects: the error must still say the status and the request
+            "bad_request": _HubError(400, "Bad request: unexpected parameter"),
+            "legal": _HubError(451, f"{name} is unavailable for legal reasons"),
         }
         self._error(errors[fault.fault])
 

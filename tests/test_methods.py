@@ -463,7 +463,8 @@ def test_magnitude_selection_with_ties_is_exact_and_deterministic():
 
 # ---------------------------------------------------------------- parity with mergekit 0.1.5
 
-mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry")
+# mergekit is a test requirement (requirements-test.txt): imported plainly, so a missing reference is an error.
+from mergekit.merge_methods import registry as mergekit_registry  # noqa: E402
 from mergekit.merge_methods.base import BasePolicy, ParameterScope, TensorGroup  # noqa: E402
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask  # noqa: E402
 from mergekit.merge_methods.slerp import slerp as mk_slerp  # noqa: E402

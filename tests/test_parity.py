@@ -22,7 +22,7 @@ from merger.recipe import parse_recipe
 from merger.app.tiny import make_tiny_model
 from tests.conftest import EXAMPLE_RECIPES
 
-mergekit = pytest.importorskip("mergekit")
+import mergekit  # noqa: E402,F401  (a test requirement: missing is an error)
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import run_merge  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402

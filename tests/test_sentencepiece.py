@@ -17,9 +17,9 @@ from merger.errors import ModelError
 from merger.app.tiny import make_tiny_model, make_tokenizer_files
 from quantize.convert import _adds_dummy_prefix, convert_folder
 
-sentencepiece = pytest.importorskip("sentencepiece")
-llama_cpp = pytest.importorskip("llama_cpp")
-transformers = pytest.importorskip("transformers")
+import llama_cpp  # noqa: E402  (test requirements: missing is an error, never a skip)
+import sentencepiece  # noqa: E402,F401
+import transformers  # noqa: E402
 
 # Shared with the BPE tests: logits helpers (the converter fixture is in conftest.py).
 from test_quantize import (  # noqa: E402
@@ -72,7 +72,8 @@ def test_files_are_reproducible_and_match_the_model(spm: dict[str, Path], tmp_pa
 
 
 def test_dummy_prefix_is_read_like_protobuf_reads_it(spm: dict[str, Path]) -> None:
-    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+
     for fam, expected in (("llama", True), ("gemma", False)):
         raw = (spm[fam] / "tokenizer.model").read_bytes()
         proto = pb2.ModelProto()

@@ -374,7 +374,8 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     else:
         job_dir = settings.outputs_dir / job_id
     options = RunOptions(out_dir=job_dir / _short_name(name), gguf=tuple(quants), push=push, token=token,
-                         private=private, allow_local=settings.allow_local)
+                         private=private, allow_local=settings.allow_local,
+                         allow_local_paths=settings.allow_local)  # local app: the user's own folders
     return JobRequest(recipe, options, job_dir, keep=not settings.space)
 
 
