@@ -127,7 +127,7 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _write_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, n_vocab: int, config: dict) -> None:
+def _write_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, n_vocab: int, model_config: dict) -> None:
     """tokenizer.model's pieces, scores and types, then the tokens transformers adds on top of it
     (added_tokens.json, tokenizer_config.json's added_tokens_decoder), as llama.cpp's converter does."""
     try:
@@ -182,7 +182,7 @@ def _write_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, n_vocab: int, c
         prefix = False
     if prefix is not None:
         w.add_add_space_prefix(bool(prefix))
-    _special_vocab(folder, n_vocab, config).add_to_gguf(w, quiet=True)
+    _special_vocab(folder, n_vocab, model_config).add_to_gguf(w, quiet=True)
 
 
 def write_vocab(w: gguf.GGUFWriter, folder: Path, n_vocab: int, config: dict, *, sentencepiece_first: bool) -> None:

@@ -44,7 +44,7 @@ HF_FAMILIES: dict[str, HFFamily] = {
     "granite": HFFamily("granite", "granite", {
         "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
         "attention_multiplier": 0.0625, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
-    "cohere": HFFamily("cohere", "cohere", {"logit_scale": 0.25, "layer_norm_eps": 1e-5, "use_qk_norm": False,
+    "cohere": HFFamily("cohere", "cohere", {"logit_scale": 0.25, "layer_norm_eps": 1e-5, "use_qk_norm": True,
                                             "tie_word_embeddings": True}),
     "gemma3": HFFamily("gemma3_text", "gemma", {
         "sliding_window": 8, "layer_types": None, "query_pre_attn_scalar": 16, "final_logit_softcapping": None,

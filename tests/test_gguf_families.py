@@ -1,0 +1,162 @@
+"""GGUF for the families people merge (issue #18): Llama 3.x rope scaling in both config spellings,
+special-token ids through `run --gguf`, and every family of the tables merged (parity with mergekit
+0.1.5) and exported (equal to llama.cpp's own converter, bos/eos/pad present, logits verified)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from merger.app.tiny import make_tiny_model
+from merger.architecture import inspect_local
+from merger.pipeline import RunOptions, merge_local, resolve_local, run
+from merger.recipe import parse_recipe
+from quantize.convert import convert_folder, stream_reason
+from quantize.llama import load_gguf
+from tests.conftest import LLAMA_CPP_DRIVER
+
+import transformers  # noqa: E402  (the logits reference)
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import run_merge  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+SPECIAL_KEYS = ("bos", "eos", "padding")  # GGUF key names; config.json calls the last one pad_token_id
+
+
+def llama_cpp_reference(converter: Path, folder: Path, out: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py on `folder`, F32 (tiny tokenizers are named gpt-2 by the test driver)."""
+    ran = subprocess.run([sys.executable, "-c", LLAMA_CPP_DRIVER, str(converter), str(folder), "--outtype", "f32",
+                          "--outfile", str(out)], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return out
+
+
+def fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith(("GGUF.", "general.name"))}
+
+
+def assert_same_gguf(ours: Path, theirs: Path, extra_keys: tuple[str, ...] = ()) -> None:
+    """Same tensors (names, types, shapes, bytes) and the same metadata; `extra_keys` (without the
+    architecture prefix) may be written by us only."""
+    mine, ref = fields(ours), fields(theirs)
+    assert {k: mine.get(k) for k in ref} == ref
+    arch = ref["general.architecture"]
+    assert all(k.removeprefix(arch + ".") in extra_keys for k in set(mine) - set(ref)), set(mine) - set(ref)
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert a.keys() == b.keys()
+    for name, t in b.items():
+        assert a[name].tensor_type == t.tensor_type and list(a[name].shape) == list(t.shape), name
+        np.testing.assert_array_equal(np.asarray(a[name].data), np.asarray(t.data), err_msg=name)
+
+
+def assert_special_ids(path: Path, folder: Path) -> None:
+    """bos/eos/pad ids of config.json are in the GGUF (where config.json has an id below the vocab size)."""
+    config, value = json.loads((folder / "config.json").read_text()), fields(path)
+    found = 0
+    for key, name in zip(SPECIAL_KEYS, ("bos", "eos", "pad")):
+        tid = config.get(f"{name}_token_id")
+        if isinstance(tid, int):
+            assert value[f"tokenizer.ggml.{key}_token_id"] == tid, key
+            found += 1
+    assert found >= 2
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ------------------------------------------------------------------------------------- Llama 3.1
+
+LONG = 600  # tokens: past the tiny model's original_max_position_embeddings (64), where llama3 scaling acts
+IDS = [int(i) for i in torch.randint(4, 400, (LONG,), generator=torch.Generator().manual_seed(7))]
+
+
+@pytest.fixture(scope="module")
+def llama31(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Llama-3.1-style tiny model saved by transformers 5 (rope_parameters) and the same model with
+    the transformers-4 spelling Hub configs have (rope_scaling + top-level rope_theta)."""
+    root = tmp_path_factory.mktemp("llama31")
+    new = make_tiny_model(root / "rope_parameters", "llama3", num_layers=2, dtype=torch.float32)
+    old = root / "rope_scaling"
+    shutil.copytree(new, old)
+    config = json.loads((old / "config.json").read_text())
+    scaling = config.pop("rope_parameters")
+    config["rope_theta"] = scaling.pop("rope_theta")
+    config["rope_scaling"] = scaling
+    (old / "config.json").write_text(json.dumps(config, indent=2))
+    return {"rope_parameters": new, "rope_scaling": old}
+
+
+def hf_logits(folder: Path, **overrides: object) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **overrides)
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].double().numpy()
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_llama31_logits_in_llama_cpp_equal_transformers_at_16_and_600_tokens(llama31, tmp_path: Path,
+                                                                             spelling: str) -> None:
+    folder = llama31[spelling]
+    assert stream_reason(json.loads((folder / "config.json").read_text())) is None  # streamed, one pass
+    (path,) = convert_folder(folder, tmp_path / "m.gguf", "f32")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    llm = load_gguf(path, n_ctx=1024)
+    try:
+        llm.eval(IDS)
+        got = np.array(llm.scores[:LONG], dtype=np.float64)
+    finally:
+        llm.close()
+    ref = hf_logits(folder)
+    assert rel(got[:16], ref[:16]) < 1e-5
+    assert rel(got, ref) < 1e-5  # measured 5e-7 (F32 weights, F32 KV cache)
+    plain = hf_logits(folder, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    assert rel(plain, ref) > 1e-2  # without the scaling the long-context logits are far off: the test sees it
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_llama31_gguf_equals_llama_cpp_converter(llama31, tmp_path: Path, llama_cpp_converter: Path,
+                                                 spelling: str) -> None:
+    theirs = llama_cpp_reference(llama_cpp_converter, llama31[spelling], tmp_path / "theirs.gguf")
+    (ours,) = convert_folder(llama31[spelling], tmp_path / "ours.gguf", "f32")
+    assert_same_gguf(ours, theirs, extra_keys=("rope.freq_base",))
+    assert_special_ids(ours, llama31[spelling])
+
+
+# ------------------------------------------------------------------------- special ids in one pass
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_run_gguf_keeps_special_ids_only_config_json_carries(tmp_path: Path, llama_cpp_converter: Path,
+                                                             family: str) -> None:
+    """The streamed GGUF is written before config.json exists; ids found only there must still arrive."""
+    base = make_tiny_model(tmp_path / "base", family, num_layers=2, dtype=torch.float32, seed=1,
+                           tokenizer="sentencepiece")  # what their Hub repos ship (llama.cpp's Gemma 2 needs it)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # as many Hub repos: ids in config.json only
+        data = json.loads((base / name).read_text())
+        for key in ("bos_token", "eos_token", "pad_token"):
+            data.pop(key, None)
+        (base / name).write_text(json.dumps(data))
+    config = json.loads((base / "config.json").read_text())
+    config["pad_token_id"] = config.get("pad_token_id") if config.get("pad_token_id") is not None else 0
+    (base / "config.json").write_text(json.dumps(config))
+    tuned = make_tiny_model(tmp_path / "tuned", perturb_from=base, seed=2, perturb_scale=0.05)
+    recipe = parse_recipe(f"models:\n  - model: {base}\n  - model: {tuned}\nmerge_method: slerp\n"
+                          f"base_model: {base}\nparameters: {{t: 0.3}}\ndtype: float32\n")
+    result = run(recipe, RunOptions(out_dir=tmp_path / "out", device="cpu", gguf=("F32",)))
+    (ours,) = result.gguf_files
+    assert_special_ids(ours, result.out_dir)
+    theirs = llama_cpp_reference(llama_cpp_converter, result.out_dir, tmp_path / "theirs.gguf")
+    mine, ref = fields(ours), fields(theirs)
+    for key in SPECIAL_KEYS:
+        assert mine.get(f"tokenizer.ggml.{key}_token_id") == ref.get(f"tokenizer.ggml.{key}_token_id"), key
