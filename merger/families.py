@@ -77,6 +77,11 @@ _EXPERTS = ("block_sparse_moe.gate.weight block_sparse_moe.experts.{e}.w1.weight
             "block_sparse_moe.experts.{e}.w2.weight block_sparse_moe.experts.{e}.w3.weight")
 _QWEN_EXPERTS = ("mlp.gate.weight mlp.experts.{e}.gate_proj.weight mlp.experts.{e}.up_proj.weight "
                  "mlp.experts.{e}.down_proj.weight")
+# transformers 5 holds a layer's experts fused: gate_up_proj (experts, 2 * moe_intermediate, hidden) with
+# each expert's [gate; up] rows, down_proj (experts, hidden, moe_intermediate); mergekit 0.1.5 writes that.
+_QWEN_FUSED = ((_L + "mlp.experts.gate_up_proj", (_L + "mlp.experts.{e}.gate_proj.weight",
+                                                  _L + "mlp.experts.{e}.up_proj.weight")),
+               (_L + "mlp.experts.down_proj", (_L + "mlp.experts.{e}.down_proj.weight",)))
 _SHARED_EXPERT = ("mlp.shared_expert.gate_proj.weight mlp.shared_expert.up_proj.weight "
                   "mlp.shared_expert.down_proj.weight mlp.shared_expert_gate.weight")
 _LB = "{}.weight {}.bias"
@@ -110,10 +115,10 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen MoE checkpoints on the Hub have experts in every layer (mlp_only_layers empty, sparse step 1)
     _llama_like("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM",
                 _specs(_L, f"{_NORMS} {_ATTN} {_ATTN_BIAS} {_QWEN_EXPERTS} {_SHARED_EXPERT}"), False,
-                experts_key=("num_experts", "num_local_experts")),
+                experts_key=("num_experts", "num_local_experts"), fused=_QWEN_FUSED),
     _llama_like("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM",
                 _specs(_L, f"{_NORMS} {_ATTN} {_QK_NORM} {_QWEN_EXPERTS}"), False,
-                experts_key=("num_experts", "num_local_experts")),  # transformers 5 writes num_local_experts
+                experts_key=("num_experts", "num_local_experts"), fused=_QWEN_FUSED),  # 5 writes num_local_experts
     # OLMo-2 normalises after attention and MLP (no input norm) and over whole q/k projections
     _llama_like("olmo2", "olmo2", "Olmo2ForCausalLM",
                 _specs(_L, f"post_attention_layernorm.weight post_feedforward_layernorm.weight {_ATTN} {_QK_NORM} "

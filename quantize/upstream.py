@@ -86,9 +86,22 @@ def run_converter(model_dir: str | Path, out_path: str | Path, outtype: str, *, 
 
     Written under a hidden name and moved to `out_path` when complete; a failure or `cancel()` stops the
     converter and leaves nothing behind. The converter's log goes to a temporary file; a failure is
-    reported as its last error line.
+    reported as its last error line. The converter derives general.* metadata (base name, version,
+    fine-tune) from the folder's name, so it reads the files through a folder named `name`, not through
+    the hidden temporary folder a merge writes into.
     """
-    folder, model_dir, out_path = converter_dir(), Path(model_dir), Path(out_path)
+    folder, model_dir, out_path = converter_dir(), Path(model_dir).resolve(), Path(out_path)
+    with tempfile.TemporaryDirectory() as views:
+        view = Path(views) / (name or model_dir.name)
+        view.mkdir()
+        for file in model_dir.iterdir():
+            if file.is_file() and file.suffix != ".gguf" and not file.name.startswith("."):
+                (view / file.name).symlink_to(file)
+        return _run_converter(folder, view, out_path, outtype, name, cancel)
+
+
+def _run_converter(folder: Path, model_dir: Path, out_path: Path, outtype: str, name: str | None,
+                   cancel: Callable[[], bool] | None) -> Path:
     tmp = out_path.with_name(f".{out_path.name}.partial")
     root = str(Path(__file__).resolve().parents[1])  # so that the driver imports this project's quantize
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}

@@ -160,3 +160,85 @@ def test_run_gguf_keeps_special_ids_only_config_json_carries(tmp_path: Path, lla
     mine, ref = fields(ours), fields(theirs)
     for key in SPECIAL_KEYS:
         assert mine.get(f"tokenizer.ggml.{key}_token_id") == ref.get(f"tokenizer.ggml.{key}_token_id"), key
+
+
+# -------------------------------------------------------------------------- every family of the tables
+
+# The families built with transformers' classes (merger/app/tiny_hf.py) whose GGUF llama.cpp's converter writes.
+FAMILIES = ["olmo2", "granite", "cohere", "gemma3", "starcoder2", "stablelm", "qwen2_moe", "qwen3_moe", "mixtral"]
+MOE = {"qwen2_moe", "qwen3_moe", "mixtral"}
+
+
+def canonical_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder under its canonical name (fused expert tensors split per expert)."""
+    from merger.sources import TensorReader
+
+    info = inspect_local(folder)
+    with TensorReader(folder) as reader:
+        return {name: reader.read(ref.source_name, ref.rows).clone() for name, ref in info.tensors.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_merges_like_mergekit_and_exports_the_gguf_llama_cpp_writes(
+        family: str, tmp_path: Path, llama_cpp_converter: Path) -> None:
+    base = make_tiny_model(tmp_path / "base", family, num_layers=2, dtype=torch.float32, seed=1)
+    tuned = make_tiny_model(tmp_path / "tuned", perturb_from=base, seed=2, perturb_scale=0.05)
+    info = inspect_local(base)
+    assert info.family is not None and info.family.name == family
+    assert info.missing == [] and info.unexpected == []  # the table names what save_pretrained writes
+
+    # mergekit 0.1.5 merges MoE experts as one fused tensor per layer (TIES would trim over all experts at
+    # once there, per expert here), so MoE families are compared on an elementwise method
+    method = "linear" if family in MOE else "ties"
+    density = "" if family in MOE else ", density: 0.5"
+    text = (f"models:\n  - model: {base}\n    parameters: {{weight: 0.6}}\n  - model: {tuned}\n"
+            f"    parameters: {{weight: 0.4{density}}}\nmerge_method: {method}\nbase_model: {base}\n"
+            "dtype: float32\n")
+    result = run(parse_recipe(text), RunOptions(out_dir=tmp_path / "ours", device="cpu", gguf=("F32",)))
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "theirs"),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    ours, theirs = canonical_weights(result.out_dir), canonical_weights(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=2e-6, atol=1e-7, msg=name)
+    if family in MOE:  # mergekit wrote the fused layout; ours keeps the checkpoint's per-expert one
+        assert any(n.endswith("experts.gate_up_proj") for n in load_file(tmp_path / "theirs" / "model.safetensors"))
+        assert not any("gate_up_proj" in n for n in load_file(result.out_dir / "model.safetensors"))
+
+    (gguf_file,) = result.gguf_files
+    assert stream_reason(json.loads((result.out_dir / "config.json").read_text())) is not None
+    # the converter ran on the merged folder before the model card was added (it reads general.* keys from
+    # it, and from the folder's name)
+    merged = tmp_path / "reference" / result.out_dir.name
+    shutil.copytree(result.out_dir, merged, ignore=shutil.ignore_patterns("*.gguf", "README.md"))
+    assert_same_gguf(gguf_file, llama_cpp_reference(llama_cpp_converter, merged, tmp_path / "ref.gguf"))
+    assert_special_ids(gguf_file, result.out_dir)
+    verified = result.sanity[gguf_file.name]
+    error = float(verified.split("max rel. error ")[1].split(";")[0])
+    assert error < 5e-4, verified  # F32 in llama.cpp vs transformers: 4e-7, 2e-4 with ggml's F16 GELU table
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_parents_in_the_fused_expert_layout_merge_per_expert(family: str, tmp_path: Path) -> None:
+    """A parent saved with fused experts (transformers 5 in memory, mergekit 0.1.5's output) merges with
+    one in the Hub's per-expert layout; the result keeps the per-expert layout."""
+    base = make_tiny_model(tmp_path / "base", family, num_layers=2, dtype=torch.float32, seed=1)
+    fused = tmp_path / "fused"
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    shutil.copytree(base, fused, ignore=shutil.ignore_patterns("*.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, fused / "model.safetensors",
+              metadata={"format": "pt"})
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in load_file(fused / "model.safetensors"))
+    assert canonical_weights(fused).keys() == canonical_weights(base).keys()
+    for name, tensor in canonical_weights(fused).items():
+        assert torch.equal(tensor, canonical_weights(base)[name]), name
+    recipe = parse_recipe(f"models:\n  - model: {fused}\n    parameters: {{weight: 0.5}}\n  - model: {base}\n"
+                          "    parameters: {weight: 0.5}\nmerge_method: linear\ndtype: float32\n")
+    out = merge_local(recipe, resolve_local(recipe), tmp_path / "out", device="cpu")
+    merged = load_file(out.out_dir / "model.safetensors")
+    saved = load_file(base / "model.safetensors")
+    assert merged.keys() == saved.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
