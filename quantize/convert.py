@@ -93,6 +93,8 @@ LLAMA_CPP_ARCHITECTURES = (
     "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
     "GraniteForCausalLM", "CohereForCausalLM", "Starcoder2ForCausalLM", "StableLmForCausalLM",
 )
+# Variants llama.cpp's converter writes but llama.cpp (this version) cannot load: (architecture, config key).
+_LLAMA_CPP_UNLOADABLE = {("CohereForCausalLM", "use_qk_norm"): "Command-R+'s q/k norms"}
 # Rope scalings written by the streaming converter: llama3's rope_freqs tensor only for llama.cpp's llama arch.
 _STREAMED_ROPE = ("default", "linear")
 
@@ -132,6 +134,9 @@ def stream_reason(config: dict) -> str | None:
 def check_convertible(config: dict) -> str | None:
     """None when the model can be exported to GGUF, else a one-line reason (for the pre-flight check)."""
     archs = config.get("architectures") or []
+    for (arch, key), what in _LLAMA_CPP_UNLOADABLE.items():
+        if archs == [arch] and config.get(key):
+            return f"llama.cpp cannot load {what} ({key} in config.json); GGUF export supports {arch} without them"
     if stream_reason(config) is None or (len(archs) == 1 and archs[0] in LLAMA_CPP_ARCHITECTURES + tuple(_ARCHS)):
         return None
     return (

@@ -134,6 +134,28 @@ def test_llama31_gguf_equals_llama_cpp_converter(llama31, tmp_path: Path, llama_
     assert_special_ids(ours, llama31[spelling])
 
 
+def test_yarn_scaling_goes_through_llama_cpps_converter_and_matches_transformers(tmp_path: Path) -> None:
+    """Qwen2.5's long-context setting: YaRN, which the streaming converter leaves to llama.cpp's converter."""
+    folder = make_tiny_model(tmp_path / "qwen2", "qwen2", num_layers=2, dtype=torch.float32)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(max_position_embeddings=256,
+                  rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    (folder / "config.json").write_text(json.dumps(config))
+    assert stream_reason(config) is not None
+    (path,) = convert_folder(folder, tmp_path / "m.gguf", "f32")
+    value = fields(path)
+    assert value["qwen2.rope.scaling.type"] == "yarn" and value["qwen2.rope.scaling.factor"] == 4.0
+    assert value["qwen2.rope.scaling.original_context_length"] == 64
+    llm = load_gguf(path, n_ctx=1024)
+    try:
+        llm.eval(IDS)
+        got = np.array(llm.scores[:LONG], dtype=np.float64)
+    finally:
+        llm.close()
+    ref = hf_logits(folder)
+    assert rel(got[:16], ref[:16]) < 1e-5 and rel(got, ref) < 1e-5  # measured 5e-7 and 9e-7
+
+
 # ------------------------------------------------------------------------- special ids in one pass
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
@@ -178,33 +200,42 @@ def canonical_weights(folder: Path) -> dict[str, torch.Tensor]:
         return {name: reader.read(ref.source_name, ref.rows).clone() for name, ref in info.tensors.items()}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_merges_like_mergekit_and_exports_the_gguf_llama_cpp_writes(
-        family: str, tmp_path: Path, llama_cpp_converter: Path) -> None:
-    base = make_tiny_model(tmp_path / "base", family, num_layers=2, dtype=torch.float32, seed=1)
-    tuned = make_tiny_model(tmp_path / "tuned", perturb_from=base, seed=2, perturb_scale=0.05)
-    info = inspect_local(base)
-    assert info.family is not None and info.family.name == family
-    assert info.missing == [] and info.unexpected == []  # the table names what save_pretrained writes
-
-    # mergekit 0.1.5 merges MoE experts as one fused tensor per layer (TIES would trim over all experts at
-    # once there, per expert here), so MoE families are compared on an elementwise method
-    method = "linear" if family in MOE else "ties"
-    density = "" if family in MOE else ", density: 0.5"
-    text = (f"models:\n  - model: {base}\n    parameters: {{weight: 0.6}}\n  - model: {tuned}\n"
+def pair_and_recipe(family: str, root: Path) -> str:
+    """A tiny base and fine-tune of `family`, and a recipe merging them: TIES, or linear for MoE families
+    (mergekit 0.1.5 merges experts as one fused tensor per layer, so TIES would trim over all experts at
+    once there and per expert here)."""
+    base = make_tiny_model(root / "base", family, num_layers=2, dtype=torch.float32, seed=1)
+    tuned = make_tiny_model(root / "tuned", perturb_from=base, seed=2, perturb_scale=0.05)
+    method, density = ("linear", "") if family in MOE else ("ties", ", density: 0.5")
+    return (f"models:\n  - model: {base}\n    parameters: {{weight: 0.6}}\n  - model: {tuned}\n"
             f"    parameters: {{weight: 0.4{density}}}\nmerge_method: {method}\nbase_model: {base}\n"
             "dtype: float32\n")
-    result = run(parse_recipe(text), RunOptions(out_dir=tmp_path / "ours", device="cpu", gguf=("F32",)))
+
+
+# mergekit 0.1.5's cohere table requires Command-R+'s q/k norms; Command-R v01 is compared in that layout
+@pytest.mark.parametrize("family", [f if f != "cohere" else "cohere_plus" for f in FAMILIES])
+def test_family_merges_like_mergekit(family: str, tmp_path: Path) -> None:
+    text = pair_and_recipe(family, tmp_path)
+    info = inspect_local(tmp_path / "base")
+    assert info.family is not None and info.family.name == family.removesuffix("_plus")
+    assert info.missing == [] and info.unexpected == []  # the table names what save_pretrained writes
+    recipe = parse_recipe(text)
+    ours_dir = merge_local(recipe, resolve_local(recipe), tmp_path / "ours", device="cpu").out_dir
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "theirs"),
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    ours, theirs = canonical_weights(result.out_dir), canonical_weights(tmp_path / "theirs")
+    ours, theirs = canonical_weights(ours_dir), canonical_weights(tmp_path / "theirs")
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=2e-6, atol=1e-7, msg=name)
     if family in MOE:  # mergekit wrote the fused layout; ours keeps the checkpoint's per-expert one
         assert any(n.endswith("experts.gate_up_proj") for n in load_file(tmp_path / "theirs" / "model.safetensors"))
-        assert not any("gate_up_proj" in n for n in load_file(result.out_dir / "model.safetensors"))
+        assert not any("gate_up_proj" in n for n in load_file(ours_dir / "model.safetensors"))
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_run_gguf_is_what_llama_cpp_writes(family: str, tmp_path: Path, llama_cpp_converter: Path) -> None:
+    text = pair_and_recipe(family, tmp_path)
+    result = run(parse_recipe(text), RunOptions(out_dir=tmp_path / "ours", device="cpu", gguf=("F32",)))
     (gguf_file,) = result.gguf_files
     assert stream_reason(json.loads((result.out_dir / "config.json").read_text())) is not None
     # the converter ran on the merged folder before the model card was added (it reads general.* keys from
@@ -242,3 +273,64 @@ def test_parents_in_the_fused_expert_layout_merge_per_expert(family: str, tmp_pa
     assert merged.keys() == saved.keys()
     for name, tensor in saved.items():
         torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------ tables, README
+
+def test_readme_table_is_what_the_tables_say() -> None:
+    from quantize.support import END, README, START, markdown_table
+
+    text = README.read_text(encoding="utf-8")
+    assert text.split(START, 1)[1].split(END, 1)[0].strip() == markdown_table()
+
+
+def test_every_gguf_family_is_a_merge_family_with_a_test() -> None:
+    from merger.families import FAMILIES as TABLES
+    from quantize.convert import LLAMA_CPP_ARCHITECTURES, supported_architectures
+
+    by_arch = {f.architectures[0]: f.name for f in TABLES}
+    assert set(supported_architectures()) | set(LLAMA_CPP_ARCHITECTURES) <= set(by_arch)
+    assert {by_arch[a] for a in LLAMA_CPP_ARCHITECTURES} == set(FAMILIES)  # each one is exported in a test above
+
+
+@pytest.mark.parametrize("config, streamed, exportable", [
+    ({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, True, True),
+    ({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"type": "linear", "factor": 2.0}}, True, True),
+    ({"architectures": ["LlamaForCausalLM"], "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, False, True),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope"}}, False, True),
+    ({"architectures": ["Qwen2ForCausalLM"], "rope_parameters": {"rope_type": "llama3"}}, False, True),
+    ({"architectures": ["Olmo2ForCausalLM"]}, False, True),
+    ({"architectures": ["FalconForCausalLM"]}, False, False),
+    ({"architectures": ["CohereForCausalLM"], "use_qk_norm": True}, False, False),
+])
+def test_streamed_or_llama_cpp_or_refused(config: dict, streamed: bool, exportable: bool) -> None:
+    from quantize.convert import check_convertible
+
+    assert (stream_reason(config) is None) == streamed
+    reason = check_convertible(config)
+    assert (reason is None) == exportable
+    if reason and "Falcon" in reason:
+        assert "Olmo2ForCausalLM" in reason  # the refusal names what is supported
+
+
+def test_rope_parameters_read_in_both_spellings() -> None:
+    from quantize.rope import llama3_factors, rope_parameters
+
+    old = {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+           "hidden_size": 2048, "num_attention_heads": 32}
+    new = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+           "hidden_size": 2048, "num_attention_heads": 32}
+    assert rope_parameters(old)["rope_type"] == rope_parameters(new)["rope_type"] == "llama3"
+    assert rope_parameters(old)["rope_theta"] == rope_parameters(new)["rope_theta"] == 500000.0
+    factors = llama3_factors(new)
+    assert torch.equal(factors, llama3_factors(old)) and factors.shape == (32,)
+    # Llama 3.2 1B's published rope_freqs: high frequencies kept, low ones divided by 8, a smooth band between
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers import LlamaConfig
+
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(hidden_size=2048, num_attention_heads=32,
+                                                         rope_parameters=new["rope_parameters"]), "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    torch.testing.assert_close(plain / factors, inv.float(), rtol=1e-6, atol=0)

@@ -44,8 +44,11 @@ HF_FAMILIES: dict[str, HFFamily] = {
     "granite": HFFamily("granite", "granite", {
         "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
         "attention_multiplier": 0.0625, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
-    "cohere": HFFamily("cohere", "cohere", {"logit_scale": 0.25, "layer_norm_eps": 1e-5, "use_qk_norm": True,
+    # Command-R (v01: no q/k norms, what llama.cpp loads) and Command-R+ (q/k norms, what mergekit 0.1.5 expects)
+    "cohere": HFFamily("cohere", "cohere", {"logit_scale": 0.25, "layer_norm_eps": 1e-5, "use_qk_norm": False,
                                             "tie_word_embeddings": True}),
+    "cohere_plus": HFFamily("cohere", "cohere", {"logit_scale": 0.25, "layer_norm_eps": 1e-5, "use_qk_norm": True,
+                                                 "tie_word_embeddings": True}),
     "gemma3": HFFamily("gemma3_text", "gemma", {
         "sliding_window": 8, "layer_types": None, "query_pre_attn_scalar": 16, "final_logit_softcapping": None,
         "attn_logit_softcapping": None, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh"},
