@@ -249,6 +249,22 @@ def test_family_run_gguf_is_what_llama_cpp_writes(family: str, tmp_path: Path, l
     assert error < 5e-4, verified  # F32 in llama.cpp vs transformers: 4e-7, 2e-4 with ggml's F16 GELU table
 
 
+def test_unknown_bpe_pre_tokenizer_is_refused_in_one_line(tmp_path: Path) -> None:
+    """llama.cpp knows BPE tokenizers by a hash of their output; one it has no hash for is named from
+    tokenizer.json's pre-tokenizer rule (as the streaming converter does), or refused when that is unknown too."""
+    from merger.errors import GGUFError
+
+    folder = make_tiny_model(tmp_path / "olmo2", "olmo2", num_layers=1, dtype=torch.float32)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}+|[a-z]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(GGUFError, match="pre-tokenizer llama.cpp does not know") as refused:
+        convert_folder(folder, tmp_path / "out" / "m.gguf", "f32")
+    assert "\n" not in str(refused.value) and list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize("family", sorted(MOE))
 def test_parents_in_the_fused_expert_layout_merge_per_expert(family: str, tmp_path: Path) -> None:
     """A parent saved with fused experts (transformers 5 in memory, mergekit 0.1.5's output) merges with
