@@ -5,6 +5,8 @@ layouts) is derived here from config.json and the tokenizer files. Tensor data i
 tensor infos are declared up front (names and shapes are known from safetensors headers or a merge
 plan), then each tensor is transformed, cast and written as it arrives, so peak memory is one
 tensor whatever the model size. `GGUFStream` is that sink; `convert_folder` feeds it from files.
+Families (and rope scalings) the stream does not cover are converted by llama.cpp's own converter
+(quantize/upstream.py) from the finished folder; `check_convertible` says which models can be exported.
 """
 
 from __future__ import annotations
