@@ -1,8 +1,8 @@
-"""Architecture knowledge as data: tensor names per model family, legacy layouts, config keys.
+"""Architecture knowledge: reading the family tables (merger/families.py), legacy layouts, config keys.
 
 Every question the check and the engine ask about a model ("which tensors should a Llama have",
 "which ones are vocabulary-sized", "how is the layer count spelled in this config") is answered by
-reading the tables below, so supporting a family is one table entry, not a hunt through if-chains.
+reading the tables, so supporting a family is one table entry, not a hunt through if-chains.
 Models are inspected from config.json and safetensors headers only; no tensor data is read.
 """
 
@@ -20,134 +20,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .errors import ModelError
 from .sources import BinReader, TensorHeader, has_safetensors, read_local_headers
 
+from .families import FAMILIES, FAMILY_BY_NAME, LLAMA_LAYER, Family, TensorSpec  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:
     from .recipe import ModelRef
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor name template: `{i}` stands for the layer index, `{e}` for the expert index."""
-
-    template: str
-    optional: bool = False  # absent in some valid variants (bias flags, norm placement)
-
-
-@dataclass(frozen=True)
-class Family:
-    """What we know of one architecture family: names, config keys, embeddings, tying."""
-
-    name: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    pre: tuple[TensorSpec, ...]
-    layer: tuple[TensorSpec, ...]
-    post: tuple[TensorSpec, ...]
-    embedding: str  # the input embedding (rows = vocabulary)
-    head: tuple[str, ...]  # the output head tensors (rows = vocabulary); head[0] may be tied
-    tie_default: bool  # the config class's default for tie_word_embeddings
-    layers_keys: tuple[str, ...] = ("num_hidden_layers",)
-    hidden_keys: tuple[str, ...] = ("hidden_size",)
-    vocab_keys: tuple[str, ...] = ("vocab_size",)
-    heads_keys: tuple[str, ...] = ("num_attention_heads",)
-    experts_key: str | None = None  # config key of the expert count, for `{e}` templates
-    optional_prefix: str | None = None  # a prefix some checkpoints omit (gpt2: "transformer.")
-    aliases: tuple[tuple[str, str], ...] = ()  # (name some savers use, canonical name)
-
-    @property
-    def vocab_tensors(self) -> tuple[str, ...]:
-        return (self.embedding, *self.head)
-
-    @property
-    def layer_prefix(self) -> str:
-        """The text before the layer index in per-layer names, e.g. 'model.layers.'."""
-        return self.layer[0].template.split("{i}")[0]
-
-
-def _specs(prefix: str, names: str, optional: str = "") -> tuple[TensorSpec, ...]:
-    """Specs from whitespace-separated names; `optional` lists the ones that may be absent."""
-    opt = set(optional.split())
-    return tuple(TensorSpec(prefix + n, n in opt) for n in names.split() + sorted(opt - set(names.split())))
-
-
-_L = "model.layers.{i}."
-_ATTN = "self_attn.q_proj.weight self_attn.k_proj.weight self_attn.v_proj.weight self_attn.o_proj.weight"
-_ATTN_BIAS = "self_attn.q_proj.bias self_attn.k_proj.bias self_attn.v_proj.bias"
-_MLP = "mlp.gate_proj.weight mlp.up_proj.weight mlp.down_proj.weight"
-_MLP_BIAS = "mlp.gate_proj.bias mlp.up_proj.bias mlp.down_proj.bias"
-_NORMS = "input_layernorm.weight post_attention_layernorm.weight"
-_QK_NORM = "self_attn.q_norm.weight self_attn.k_norm.weight"
-_FFN_NORMS = "pre_feedforward_layernorm.weight post_feedforward_layernorm.weight"
-_EMBED = _specs("", "model.embed_tokens.weight")
-_NORM_HEAD = _specs("", "model.norm.weight lm_head.weight")
-_EXPERTS = ("block_sparse_moe.gate.weight block_sparse_moe.experts.{e}.w1.weight "
-            "block_sparse_moe.experts.{e}.w2.weight block_sparse_moe.experts.{e}.w3.weight")
-_LB = "{}.weight {}.bias"
-
-
-def _wb(*modules: str) -> str:
-    """'a b' -> 'a.weight a.bias b.weight b.bias': most GPT-style modules carry both."""
-    return " ".join(_LB.format(m, m) for m in modules)
-
-
-def _llama_like(name: str, model_type: str, arch: str, layer: tuple[TensorSpec, ...], tie: bool,
-                **extra: Any) -> Family:
-    return Family(name, (model_type,), (arch,), _EMBED, layer, _NORM_HEAD, "model.embed_tokens.weight",
-                  ("lm_head.weight",), tie, **extra)
-
-
-FAMILIES: tuple[Family, ...] = (
-    _llama_like("llama", "llama", "LlamaForCausalLM",
-                _specs(_L, f"{_NORMS} {_ATTN} {_MLP}", f"{_ATTN_BIAS} self_attn.o_proj.bias {_MLP_BIAS}"), False),
-    _llama_like("mistral", "mistral", "MistralForCausalLM", _specs(_L, f"{_NORMS} {_ATTN} {_MLP}"), False),
-    _llama_like("mixtral", "mixtral", "MixtralForCausalLM", _specs(_L, f"{_NORMS} {_ATTN} {_EXPERTS}"), False,
-                experts_key="num_local_experts"),
-    _llama_like("qwen2", "qwen2", "Qwen2ForCausalLM", _specs(_L, f"{_NORMS} {_ATTN} {_ATTN_BIAS} {_MLP}"), False),
-    _llama_like("qwen3", "qwen3", "Qwen3ForCausalLM", _specs(_L, f"{_NORMS} {_ATTN} {_QK_NORM} {_MLP}"), False),
-    _llama_like("gemma", "gemma", "GemmaForCausalLM", _specs(_L, f"{_NORMS} {_ATTN} {_MLP}"), True),
-    _llama_like("gemma2", "gemma2", "Gemma2ForCausalLM",
-                _specs(_L, f"{_NORMS} {_FFN_NORMS} {_ATTN} {_MLP}"), True),
-    _llama_like("gemma3", "gemma3_text", "Gemma3ForCausalLM",
-                _specs(_L, f"{_NORMS} {_FFN_NORMS} {_ATTN} {_QK_NORM} {_MLP}"), True),
-    Family("phi", ("phi",), ("PhiForCausalLM",), _EMBED,
-           _specs(_L, _wb("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                          "self_attn.dense", "mlp.fc1", "mlp.fc2"),
-                  _wb("self_attn.q_layernorm", "self_attn.k_layernorm")),
-           _specs("", _wb("model.final_layernorm", "lm_head")), "model.embed_tokens.weight",
-           ("lm_head.weight", "lm_head.bias"), False),
-    _llama_like("phi3", "phi3", "Phi3ForCausalLM",
-                _specs(_L, f"{_NORMS} self_attn.qkv_proj.weight self_attn.o_proj.weight "
-                           "mlp.gate_up_proj.weight mlp.down_proj.weight"), False),
-    Family("gpt2", ("gpt2",), ("GPT2LMHeadModel",), _specs("", "transformer.wte.weight transformer.wpe.weight"),
-           _specs("transformer.h.{i}.", _wb("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")),
-           _specs("", f"{_wb('transformer.ln_f')} lm_head.weight"), "transformer.wte.weight", ("lm_head.weight",),
-           True, layers_keys=("n_layer",), hidden_keys=("n_embd",), heads_keys=("n_head",),
-           optional_prefix="transformer."),
-    Family("gpt_neox", ("gpt_neox",), ("GPTNeoXForCausalLM",), _specs("", "gpt_neox.embed_in.weight"),
-           _specs("gpt_neox.layers.{i}.", _wb("input_layernorm", "post_attention_layernorm",
-                                              "attention.query_key_value", "attention.dense",
-                                              "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-           _specs("", f"{_wb('gpt_neox.final_layer_norm')} embed_out.weight"), "gpt_neox.embed_in.weight",
-           ("embed_out.weight",), False, aliases=(("lm_head.weight", "embed_out.weight"),)),
-    Family("stablelm", ("stablelm",), ("StableLmForCausalLM",), _EMBED,
-           _specs(_L, f"input_layernorm.weight input_layernorm.bias {_ATTN} {_MLP}",
-                  f"post_attention_layernorm.weight post_attention_layernorm.bias {_ATTN_BIAS}"),
-           _specs("", "model.norm.weight model.norm.bias lm_head.weight"), "model.embed_tokens.weight",
-           ("lm_head.weight",), False),
-    Family("starcoder2", ("starcoder2",), ("Starcoder2ForCausalLM",), _EMBED,
-           _specs(_L, f"{_wb('input_layernorm', 'post_attention_layernorm', 'mlp.c_fc', 'mlp.c_proj')} {_ATTN}",
-                  f"{_ATTN_BIAS} self_attn.o_proj.bias"),
-           _specs("", "model.norm.weight model.norm.bias lm_head.weight"), "model.embed_tokens.weight",
-           ("lm_head.weight",), True),
-    Family("falcon", ("falcon",), ("FalconForCausalLM",), _specs("", "transformer.word_embeddings.weight"),
-           _specs("transformer.h.{i}.", "self_attention.query_key_value.weight self_attention.dense.weight "
-                                        "mlp.dense_h_to_4h.weight mlp.dense_4h_to_h.weight",
-                  "self_attention.query_key_value.bias self_attention.dense.bias mlp.dense_h_to_4h.bias "
-                  f"mlp.dense_4h_to_h.bias {_wb('input_layernorm', 'post_attention_layernorm', 'ln_attn', 'ln_mlp')}"),
-           _specs("", f"{_wb('transformer.ln_f')} lm_head.weight"), "transformer.word_embeddings.weight",
-           ("lm_head.weight",), True, layers_keys=("num_hidden_layers", "n_layer"),
-           heads_keys=("num_attention_heads", "n_head")),
-)
-FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+_L = LLAMA_LAYER
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 _BY_ARCHITECTURE = {a: f for f in FAMILIES for a in f.architectures}
 
@@ -340,6 +218,26 @@ def _canonical_name(family: Family | None, name: str) -> str:
     return name
 
 
+def _fused_parts(family: Family | None, name: str, h: TensorHeader) -> dict[str, TensorRef] | None:
+    """The canonical tensors a fused expert tensor holds (see Family.fused), or None if it is not one."""
+    for source, parts in family.fused if family else ():
+        m = re.fullmatch(re.escape(source).replace(re.escape("{i}"), r"(\d+)"), name)
+        if m is None:
+            continue
+        i = int(m.group(1))
+        if len(h.shape) == 2 and len(parts) == 1:
+            return {parts[0].format(i=i): TensorRef(name, None, h.dtype, h.shape)}
+        if len(h.shape) != 3 or h.shape[1] % len(parts):
+            raise ModelError(f"{name} has shape {list(h.shape)}; a fused expert tensor is (experts, rows, columns) "
+                             f"with rows for {len(parts)} parts")
+        experts, rows, cols = h.shape
+        per = rows // len(parts)
+        return {part.format(i=i, e=e): TensorRef(name, (e * rows + k * per, e * rows + (k + 1) * per), h.dtype,
+                                                 (per, cols))
+                for e in range(experts) for k, part in enumerate(parts)}
+    return None
+
+
 def model_info_from(config: dict, headers: dict[str, TensorHeader], ref: "ModelRef | str") -> ModelInfo:
     """Inspect a model from its config.json and safetensors headers (no tensor data)."""
     original = copy.deepcopy(config)
@@ -354,8 +252,11 @@ def model_info_from(config: dict, headers: dict[str, TensorHeader], ref: "ModelR
     if legacy_tensors:
         tensors, unexpected = _phi_msft_tensors(canonical, headers)
     else:
-        tensors = {_canonical_name(family, n): TensorRef(n, None, h.dtype, h.shape)
-                   for n, h in headers.items() if not _BUFFERS.search(n)}
+        tensors = {}
+        for n, h in headers.items():
+            if not _BUFFERS.search(n):
+                plain = {_canonical_name(family, n): TensorRef(n, None, h.dtype, h.shape)}
+                tensors.update(_fused_parts(family, n, h) or plain)
         unexpected = []
     if family is not None and tie:
         tensors.pop(family.head[0], None)  # tied: transformers reuses the input embedding
@@ -368,7 +269,8 @@ def model_info_from(config: dict, headers: dict[str, TensorHeader], ref: "ModelR
                              default=-1)
     missing: list[str] = []
     if family is not None:
-        experts = canonical.get(family.experts_key, 0) if family.experts_key else 0
+        keys = (family.experts_key,) if isinstance(family.experts_key, str) else family.experts_key or ()
+        experts = _config_value(canonical, keys) or 0
         expected = expected_tensors(family, num_layers, experts)
         if tie:
             expected.pop(family.head[0], None)

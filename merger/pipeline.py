@@ -295,10 +295,13 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     streamed: list[Path] = []
 
     def gguf_stream(tmp: Path, plan: MergePlan, config: dict) -> list[Any]:
-        """The unquantized GGUF, written from the merged tensors as they are produced: one pass."""
-        from quantize.convert import GGUFStream, gguf_file_name
+        """The unquantized GGUF, written from the merged tensors as they are produced: one pass. A family
+        the streaming converter does not cover is converted from the finished folder instead."""
+        from quantize.convert import GGUFStream, gguf_file_name, stream_reason
         from quantize.llama import base_gguf_type
 
+        if stream_reason(config) is not None:
+            return []
         base_type = base_gguf_type(outtype, quants)
         streamed.append(tmp / gguf_file_name(gguf_name, base_type))
         return [GGUFStream(streamed[0], config, tmp, [(o.name, o.shape) for o in plan.outputs], base_type,
@@ -309,7 +312,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         if options.gguf:
             from quantize.llama import export_gguf
 
-            ggufs.extend(export_gguf(tmp, tmp, gguf_name, outtype, quants, converted=streamed[0],
+            ggufs.extend(export_gguf(tmp, tmp, gguf_name, outtype, quants, converted=streamed[0] if streamed else None,
                                      cancel=lambda: bool(cancel and cancel.is_set()),
                                      progress=lambda msg, frac: report(Event("gguf", frac, msg))))
             files += [p.name for p in ggufs]

@@ -173,7 +173,8 @@ class TensorReader:
             return self._fds[file]
 
     def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor (or a row range of dim 0 of it), in its stored dtype, on the CPU.
+        """The tensor (or a row range of dim 0 of it; of a 3-D tensor, rows of it flattened to 2-D), in its
+        stored dtype, on the CPU.
 
         `out`, a flat uint8 buffer of at least the tensor's size, is filled and returned viewed as the
         tensor (reusing one buffer avoids a page fault per 4 kB on every read); else a new tensor.
@@ -185,6 +186,8 @@ class TensorReader:
         shape = list(h.shape)
         begin, nbytes = h.begin, h.nbytes
         if rows is not None:
+            if len(shape) > 2:  # rows of the (experts * rows, columns) matrix: one expert's part of a fused tensor
+                shape = [math.prod(shape[:-1]), shape[-1]]
             row_bytes = h.nbytes // shape[0] if shape and shape[0] else 0
             start, stop = rows
             begin += start * row_bytes
@@ -252,6 +255,8 @@ class BinReader:
         if self._cache is None or self._cache[0] != file:
             self._cache = (file, self._load(file))
         tensor = self._cache[1][name]
+        if rows and tensor.dim() > 2:
+            tensor = tensor.reshape(-1, tensor.shape[-1])
         return (tensor[rows[0]:rows[1]] if rows else tensor).clone()
 
     def close(self) -> None:

@@ -5,6 +5,8 @@ layouts) is derived here from config.json and the tokenizer files. Tensor data i
 tensor infos are declared up front (names and shapes are known from safetensors headers or a merge
 plan), then each tensor is transformed, cast and written as it arrives, so peak memory is one
 tensor whatever the model size. `GGUFStream` is that sink; `convert_folder` feeds it from files.
+Families (and rope scalings) the stream does not cover are converted by llama.cpp's own converter
+(quantize/upstream.py) from the finished folder; `check_convertible` says which models can be exported.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,9 @@ import torch
 
 from merger.errors import CancelledError, GGUFError
 from merger.sources import TensorReader, read_local_headers
+from quantize.rope import head_dim as _head_dim
+from quantize.rope import llama3_factors, rope_parameters, rope_type
+from quantize.tokenizer import _adds_dummy_prefix, write_vocab  # noqa: F401  (_adds_dummy_prefix: tests)
 
 __all__ = [
     "OUTTYPES",
@@ -29,7 +34,9 @@ __all__ = [
     "check_convertible",
     "convert_folder",
     "gguf_file_name",
+    "exportable_architectures",
     "normalized_config",
+    "stream_reason",
     "supported_architectures",
 ]
 
@@ -80,17 +87,28 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
 
-# Pre-tokenizer regexes (from tokenizer.json "Split" pre-tokenizers) that llama.cpp knows by name.
-_PRE_TOKENIZER_REGEXES = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
-}
+
+# Architectures whose GGUF is written by llama.cpp's own converter (quantize/upstream.py), with the
+# same verification after: each is covered by a tiny-model test (tests/test_gguf_families.py). The
+# streamed architectures above go there too when their config uses a rope scaling we do not stream.
+LLAMA_CPP_ARCHITECTURES = (
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
+    "GraniteForCausalLM", "CohereForCausalLM", "Starcoder2ForCausalLM", "StableLmForCausalLM",
+)
+# Variants llama.cpp's converter writes but llama.cpp (this version) cannot load: (architecture, config key).
+_LLAMA_CPP_UNLOADABLE = {("CohereForCausalLM", "use_qk_norm"): "Command-R+'s q/k norms"}
+# Rope scalings written by the streaming converter: llama3's rope_freqs tensor only for llama.cpp's llama arch.
+_STREAMED_ROPE = ("default", "linear")
 
 
 def supported_architectures() -> list[str]:
-    """The Hugging Face `architectures` values this converter handles."""
+    """The Hugging Face `architectures` values the streaming converter handles."""
     return list(_ARCHS)
+
+
+def exportable_architectures() -> list[str]:
+    """Every `architectures` value GGUF export accepts: streamed, or through llama.cpp's converter."""
+    return [*_ARCHS, *LLAMA_CPP_ARCHITECTURES]
 
 
 def normalized_config(config: dict) -> dict:
@@ -104,23 +122,33 @@ def normalized_config(config: dict) -> dict:
     return out
 
 
+def stream_reason(config: dict) -> str | None:
+    """None when the streaming converter writes this model's GGUF (one pass, during a merge), else why not."""
+    archs = config.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in _ARCHS:
+        return f"the streaming converter does not cover {', '.join(archs) or '(no architecture)'}"
+    kind = rope_type(config)
+    if kind in _STREAMED_ROPE or (kind == "llama3" and _ARCHS[archs[0]].gguf_arch == gguf.MODEL_ARCH.LLAMA):
+        return None
+    return f"the streaming converter does not cover rope scaling {kind!r} of {archs[0]}"
+
+
 def check_convertible(config: dict) -> str | None:
     """None when the model can be exported to GGUF, else a one-line reason (for the pre-flight check)."""
     archs = config.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in _ARCHS:
-        return (
-            f"GGUF export does not support architecture {', '.join(archs) or '(none in config.json)'}; "
-            f"supported: {', '.join(supported_architectures())}"
-        )
-    rope = config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type")) if rope else None
-    if kind not in (None, "default", "linear"):
-        return f"GGUF export does not support rope_scaling type {kind!r} yet; supported: none, linear"
-    return None
+    for (arch, key), what in _LLAMA_CPP_UNLOADABLE.items():
+        if archs == [arch] and config.get(key):
+            return f"llama.cpp cannot load {what} ({key} in config.json); GGUF export supports {arch} without them"
+    if stream_reason(config) is None or (len(archs) == 1 and archs[0] in LLAMA_CPP_ARCHITECTURES + tuple(_ARCHS)):
+        return None
+    return (
+        f"GGUF export does not support architecture {', '.join(archs) or '(none in config.json)'}; "
+        f"supported: {', '.join(exportable_architectures())}"
+    )
 
 
 def _arch(config: dict) -> _Arch:
-    reason = check_convertible(config)
+    reason = stream_reason(config)
     if reason:
         raise GGUFError(reason)
     return _ARCHS[config["architectures"][0]]
@@ -136,7 +164,7 @@ def gguf_file_name(name: str, type_name: str) -> str:
 def _write_hparams(w: gguf.GGUFWriter, config: dict, arch: _Arch, n_vocab: int) -> None:
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // heads
+    head_dim = _head_dim(config)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(hidden)
     w.add_block_count(config["num_hidden_layers"])
@@ -147,17 +175,16 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict, arch: _Arch, n_vocab: int) 
         w.add_layer_norm_eps(config["layer_norm_eps"])
     else:
         w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    rope = config.get("rope_parameters") or {}
-    w.add_rope_freq_base(float(config.get("rope_theta", rope.get("rope_theta", 10000.0))))
-    partial = config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    rope = rope_parameters(config)  # rope_scaling (transformers 4) or rope_parameters (5)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    partial = rope.get("partial_rotary_factor", 1.0)
     w.add_rope_dimension_count(int(partial * head_dim))
     if arch.head_dim_keys or "head_dim" in config:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    scaling = config.get("rope_scaling") or {}
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    if rope_type(config) == "linear":  # llama3: the rope_freqs tensor, no keys (as llama.cpp's converter)
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_factor(float(rope["factor"]))
     if arch.gguf_arch == gguf.MODEL_ARCH.PHI3:
         w.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings", config["max_position_embeddings"]))
     if arch.softcapping:
@@ -166,180 +193,6 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict, arch: _Arch, n_vocab: int) 
     if arch.sliding_window and config.get("sliding_window"):
         w.add_sliding_window(config["sliding_window"])
     w.add_vocab_size(n_vocab)
-
-
-# ------------------------------------------------------------------------------------ tokenizer
-
-def _bpe_pre_tokenizer(tokenizer: dict) -> str:
-    """The llama.cpp pre-tokenizer name for a byte-level BPE tokenizer.json, or a GGUFError."""
-    pre = tokenizer.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if len(steps) == 1 and byte_level and byte_level[0].get("use_regex", True):
-        return "gpt-2"
-    if len(splits) == 1 and len(byte_level) == 1 and not byte_level[0].get("use_regex", True):
-        if splits[0] in _PRE_TOKENIZER_REGEXES:
-            return _PRE_TOKENIZER_REGEXES[splits[0]]
-    raise GGUFError(
-        "tokenizer.json has a pre-tokenizer llama.cpp does not know "
-        f"({json.dumps(pre)[:120]}...); supported: {', '.join(sorted(set(_PRE_TOKENIZER_REGEXES.values())))}"
-    )
-
-
-def _is_sentencepiece_style(tokenizer: dict) -> bool:
-    model = tokenizer.get("model", {})
-    return bool(model.get("byte_fallback")) or model.get("type") == "Unigram"
-
-
-def _write_bpe_vocab(w: gguf.GGUFWriter, folder: Path, tokenizer: dict, n_vocab: int) -> None:
-    vocab: dict[str, int] = dict(tokenizer["model"]["vocab"])
-    special: dict[int, bool] = {}
-    for added in tokenizer.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-        special[added["id"]] = bool(added.get("special"))
-    if max(vocab.values()) >= n_vocab:
-        raise GGUFError(
-            f"the tokenizer has token id {max(vocab.values())} but the model has only {n_vocab} embedding rows; "
-            "resize the embeddings or use the matching tokenizer"
-        )
-    by_id = {i: t for t, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(
-                gguf.TokenType.NORMAL if i not in special
-                else gguf.TokenType.CONTROL if special[i] else gguf.TokenType.USER_DEFINED
-            )
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_bpe_pre_tokenizer(tokenizer))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < len(buf):
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise GGUFError("tokenizer.model is truncated; download the tokenizer files again")
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a serialized protobuf message: varints as ints, everything else as bytes."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield field, value
-            continue
-        if wire == 2:
-            size, pos = _varint(buf, pos)
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-        else:
-            raise GGUFError("tokenizer.model is not a SentencePiece model; use the model's own tokenizer files")
-        yield field, buf[pos:pos + size]
-        pos += size
-
-
-def _adds_dummy_prefix(model: bytes) -> bool:
-    """SentencePiece's NormalizerSpec.add_dummy_prefix (ModelProto field 3, its field 3; default true).
-
-    Parsed by hand because sentencepiece's Python API does not expose it and protobuf is not a dependency;
-    llama.cpp must be told when it is off (Gemma), or it puts a space before every text.
-    """
-    for field, value in _proto_fields(model):
-        if field == 3 and isinstance(value, bytes):
-            flags = [v for f, v in _proto_fields(value) if f == 3]
-            return bool(flags[-1]) if flags else True
-    return True
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
-def _write_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
-    """tokenizer.model's pieces, scores and types, then the tokens transformers adds on top of it
-    (added_tokens.json, tokenizer_config.json's added_tokens_decoder), as llama.cpp's converter does."""
-    try:
-        import sentencepiece
-    except ImportError:
-        raise GGUFError(
-            f"{folder.name} has a SentencePiece tokenizer.model: install the sentencepiece package to export it"
-        ) from None
-    model = (folder / "tokenizer.model").read_bytes()
-    sp = sentencepiece.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(model)
-    except RuntimeError:
-        raise GGUFError(
-            f"{folder.name}/tokenizer.model is not a SentencePiece model; use the model's own tokenizer files"
-        ) from None
-    if sp.GetPieceSize() > n_vocab:
-        raise GGUFError(
-            f"tokenizer.model has {sp.GetPieceSize()} tokens but the model has only {n_vocab} embedding rows"
-        )
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    scores = [-10000.0] * n_vocab
-    types = [gguf.TokenType.UNUSED] * n_vocab
-    for i in range(sp.GetPieceSize()):
-        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
-        types[i] = (
-            gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
-            else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
-            else gguf.TokenType.NORMAL
-        )
-    config = _read_json(folder / "tokenizer_config.json")
-    added = [(text, i, False) for text, i in _read_json(folder / "added_tokens.json").items()]
-    added += [(a["content"], int(i), bool(a.get("special"))) for i, a in config.get("added_tokens_decoder", {}).items()]
-    for text, i, special in added:
-        if i >= n_vocab:
-            raise GGUFError(
-                f"the tokenizer has token id {i} ({text}) but the model has only {n_vocab} embedding rows; "
-                "resize the embeddings or use the matching tokenizer"
-            )
-        # llama.cpp matches user-defined tokens in the raw text, before spaces become "▁"
-        tokens[i] = text if special else text.replace("\u2581", " ")
-        scores[i] = -1000.0
-        types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    # llama.cpp assumes SentencePiece's default dummy prefix; transformers lets the config override it
-    prefix = config.get("add_prefix_space")
-    if prefix is None and not _adds_dummy_prefix(model):
-        prefix = False
-    if prefix is not None:
-        w.add_add_space_prefix(bool(prefix))
-    gguf.SpecialVocab(folder, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
-
-
-def _write_vocab(w: gguf.GGUFWriter, folder: Path, arch: _Arch, n_vocab: int) -> None:
-    json_path, spm_path = folder / "tokenizer.json", folder / "tokenizer.model"
-    tokenizer = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else None
-    if spm_path.exists() and (tokenizer is None or arch.sentencepiece_first or _is_sentencepiece_style(tokenizer)):
-        _write_sentencepiece_vocab(w, folder, n_vocab)
-    elif tokenizer is not None and tokenizer.get("model", {}).get("type") == "BPE" and not _is_sentencepiece_style(tokenizer):
-        _write_bpe_vocab(w, folder, tokenizer, n_vocab)
-    elif tokenizer is not None:
-        raise GGUFError(f"{folder.name}/tokenizer.json is SentencePiece-style; add its tokenizer.model to export GGUF")
-    else:
-        raise GGUFError(f"{folder} has no tokenizer.json or tokenizer.model; copy the tokenizer files into it")
 
 
 # -------------------------------------------------------------------------------------- tensors
@@ -418,6 +271,10 @@ class GGUFStream:
         if embed is None:
             raise GGUFError("the model has no token embedding tensor")
         n_vocab = embed.shape[0]
+        # Tensors llama.cpp needs that the checkpoint has no counterpart for, written right after the header.
+        generated: list[tuple[str, torch.Tensor]] = []
+        if rope_type(config) == "llama3":
+            generated.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_factors(config)))
 
         self._writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.gguf_arch], split_max_size=split_max_size)
         w = self._writer
@@ -426,7 +283,9 @@ class GGUFStream:
         w.add_file_type(int(file_type))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_hparams(w, config, arch, n_vocab)
-        _write_vocab(w, Path(tokenizer_dir), arch, n_vocab)
+        write_vocab(w, Path(tokenizer_dir), n_vocab, config, sentencepiece_first=arch.sentencepiece_first)
+        for gguf_name, data in generated:
+            w.add_tensor_info(gguf_name, tuple(data.shape), np.dtype(np.float32), data.numel() * 4)
         for p in self._plan:
             w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
         w.add_size_label(gguf.size_label(*w.get_total_parameter_count()))
@@ -439,6 +298,8 @@ class GGUFStream:
             w.write_header_to_file(self._tmp / self.path.name)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
+            for _, data in generated:
+                w.write_tensor_data(data.numpy())
         except BaseException:
             self.abort()
             raise
@@ -537,13 +398,27 @@ def convert_folder(
     """Convert a local safetensors model folder to GGUF at `out_path`; returns the written file(s).
 
     Tensors are read one at a time with plain positional reads (merger.sources.TensorReader), so
-    neither the input nor the output is ever held in memory or mapped.
+    neither the input nor the output is ever held in memory or mapped. Models the streaming converter
+    does not cover (stream_reason) are converted by llama.cpp's own converter instead.
     """
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise GGUFError(f"{model_dir} has no config.json; point at a Hugging Face model folder")
     config = json.loads(config_path.read_text())
+    if outtype not in OUTTYPES:
+        raise GGUFError(f"unknown GGUF output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if stream_reason(normalized_config(config)) is not None:
+        reason = check_convertible(normalized_config(config))
+        if reason:
+            raise GGUFError(reason)
+        from quantize.llama import split_gguf
+        from quantize.upstream import run_converter
+
+        path = run_converter(model_dir, out_path, outtype, name=name, cancel=cancel)
+        if progress is not None:
+            progress(1, 1)
+        return split_gguf(path, split_max_size) if split_max_size else [path]
     headers = read_local_headers(model_dir)
     order = _gguf_order(headers)
     stream = GGUFStream(

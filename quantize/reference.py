@@ -1,11 +1,12 @@
-"""A plain torch forward pass of the supported families, the yardstick GGUF logits are checked against.
+"""A plain torch forward pass of the streamed families, the yardstick GGUF logits are checked against.
 
-transformers is not a runtime dependency, so verification needs its own reference. It runs in
-float32 on the CPU one layer at a time over the whole (short) sequence, reading each layer's
-tensors only while it is computed: memory is one layer plus the embeddings, whatever the depth.
-The maths follows the Hugging Face modeling code of each family (rotate-half rope, GQA, Phi-2's
-parallel block and partial rope, Phi-3's fused projections, Gemma's (1 + w) norms, scaled
-embeddings and Gemma-2's extra norms and soft-capping); tests hold it to transformers at 1e-5.
+It runs in float32 on the CPU one layer at a time over the whole (short) sequence, reading each
+layer's tensors only while it is computed: memory is one layer plus the embeddings, whatever the
+depth (transformers would load the whole model). The maths follows the Hugging Face modeling code of
+each family (rotate-half rope with linear or Llama-3 scaling, GQA, Phi-2's parallel block and partial
+rope, Phi-3's fused projections, Gemma's (1 + w) norms, scaled embeddings and Gemma-2's extra norms and
+soft-capping); tests hold it to transformers at 1e-5. The families exported by llama.cpp's converter
+are checked against transformers itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 from merger.errors import GGUFError
 from merger.sources import TensorReader
-from quantize.convert import check_convertible
+from quantize.convert import check_convertible, stream_reason
+from quantize.rope import llama3_factors, rope_parameters, rope_type
 
 __all__ = ["reference_logits"]
 
@@ -49,10 +51,14 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> to
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
 
 
-def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float) -> torch.Tensor:
-    """Rotate-half rope on the first `rot_dim` features of each head; x is (heads, seq, head_dim)."""
+def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float, divisors: torch.Tensor | None) -> torch.Tensor:
+    """Rotate-half rope on the first `rot_dim` features of each head; x is (heads, seq, head_dim).
+
+    `scale` divides positions (linear scaling), `divisors` each frequency (llama3 scaling)."""
     seq = x.shape[1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    if divisors is not None:
+        inv_freq = inv_freq / divisors
     angles = torch.outer(torch.arange(seq, dtype=torch.float32) / scale, inv_freq)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
@@ -68,6 +74,8 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
     reason = check_convertible(config)
     if reason:
         raise GGUFError(reason.replace("GGUF export", "GGUF verification"))
+    if stream_reason(config) is not None:
+        return _transformers_logits(model_dir, ids)
     if config.get("model_type") == "phi-msft":
         raise GGUFError("GGUF verification needs the current Phi-2 layout (model.*), not phi-msft")
     kind = config["model_type"]
@@ -75,11 +83,11 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    rope = config.get("rope_parameters") or {}
-    theta = float(config.get("rope_theta", rope.get("rope_theta", 10000.0)))
-    rot_dim = int(config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) * head_dim)
-    scaling = config.get("rope_scaling") or {}
-    scale = float(scaling.get("factor", 1.0)) if scaling.get("rope_type", scaling.get("type")) == "linear" else 1.0
+    rope = rope_parameters(config)  # rope_scaling (transformers 4) or rope_parameters (5)
+    theta = float(rope.get("rope_theta", 10000.0))
+    rot_dim = int(rope.get("partial_rotary_factor", 1.0) * head_dim)
+    scale = float(rope["factor"]) if rope_type(config) == "linear" else 1.0
+    divisors = llama3_factors(config) if rope_type(config) == "llama3" else None
     act = _ACTIVATIONS[config.get("hidden_activation") or config.get("hidden_act", "silu")]
     gemma = kind in ("gemma", "gemma2")
     offset = 1.0 if gemma else 0.0
@@ -106,7 +114,7 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
         if kind == "qwen3":
             q = _rms_norm(q, w[p + "q_norm.weight"], eps, 0.0)
             k = _rms_norm(k, w[p + "k_norm.weight"], eps, 0.0)
-        q, k = _rope(q, rot_dim, theta, scale), _rope(k, rot_dim, theta, scale)
+        q, k = _rope(q, rot_dim, theta, scale, divisors), _rope(k, rot_dim, theta, scale, divisors)
         k = k.repeat_interleave(heads // kv_heads, 0)
         v = v.repeat_interleave(heads // kv_heads, 0)
         scores = q @ k.transpose(1, 2) / math.sqrt(config.get("query_pre_attn_scalar", head_dim))
@@ -164,3 +172,18 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
         return logits
     finally:
         w.reader.close()
+
+
+def _transformers_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    """Float32 logits from transformers' own implementation, for the families exported by llama.cpp's
+    converter (the whole model is loaded: verification is limited to small models by its caller)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise GGUFError("verifying this architecture's GGUF needs transformers: pip install transformers") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise GGUFError(f"transformers cannot load {model_dir.name} to verify its GGUF: {exc}") from None
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()

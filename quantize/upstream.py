@@ -16,11 +16,13 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-from merger.errors import GGUFError
+from merger.errors import CancelledError, GGUFError
 
 ENV_VAR = "MERGER_LLAMA_CPP_CONVERTER"  # overrides the folder (e.g. a llama.cpp checkout)
 CONVERTER = "convert_hf_to_gguf.py"
@@ -102,6 +104,57 @@ def install(target: Path | None = None) -> Path:
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def run_converter(model_dir: str | Path, out_path: str | Path, outtype: str, *, name: str | None = None,
+                  cancel: Callable[[], bool] | None = None) -> Path:
+    """Convert a local model folder with llama.cpp's convert_hf_to_gguf.py, in a subprocess of this Python.
+
+    Written under a hidden name and moved to `out_path` when complete; a failure or `cancel()` stops the
+    converter and leaves nothing behind. The converter's log goes to a temporary file; a failure is
+    reported as its last error line. The converter derives general.* metadata (base name, version,
+    fine-tune) from the folder's name, so it reads the files through a folder named `name`, not through
+    the hidden temporary folder a merge writes into.
+    """
+    folder, model_dir, out_path = converter_dir(), Path(model_dir).resolve(), Path(out_path)
+    with tempfile.TemporaryDirectory() as views:
+        view = Path(views) / (name or model_dir.name)
+        view.mkdir()
+        for file in model_dir.iterdir():
+            if file.is_file() and file.suffix != ".gguf" and not file.name.startswith("."):
+                (view / file.name).symlink_to(file)
+        return _run_converter(folder, view, out_path, outtype, name, cancel)
+
+
+def _run_converter(folder: Path, model_dir: Path, out_path: Path, outtype: str, name: str | None,
+                   cancel: Callable[[], bool] | None) -> Path:
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    root = str(Path(__file__).resolve().parents[1])  # so that the driver imports this project's quantize
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "quantize.llama_cpp_driver", str(folder), str(model_dir), "--outtype", outtype,
+           "--outfile", str(tmp), *(["--model-name", name] if name else [])]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        try:
+            while proc.poll() is None:
+                if cancel is not None and cancel():
+                    raise CancelledError("GGUF export cancelled; its partial files were removed")
+                time.sleep(0.1)
+            if proc.returncode != 0 or not tmp.is_file():
+                log.seek(0)
+                lines = [line.strip() for line in log.read().splitlines() if line.strip()]
+                marked = [line.split("GGUF-EXPORT-ERROR: ", 1)[1] for line in lines if "GGUF-EXPORT-ERROR: " in line]
+                why = (marked or lines or [f"exit code {proc.returncode}"])[-1]
+                raise GGUFError(f"llama.cpp's converter could not export {model_dir.name}: {why[:300]}")
+            tmp.replace(out_path)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            tmp.unlink(missing_ok=True)
+    return out_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,23 @@ _PHI3_TOKENS = _TokenizerSpec(
     "<s>", "<|endoftext|>", "<|endoftext|>", "<unk>", False, _PHI3_CHAT,
 )
 
+# Tokenizer conventions by name, for families made here and in merger.app.tiny_hf.
+TOKEN_SPECS: dict[str, _TokenizerSpec] = {
+    "llama": _LLAMA_TOKENS, "qwen2": _QWEN_TOKENS, "gemma": _GEMMA_TOKENS, "phi": _PHI_TOKENS, "phi3": _PHI3_TOKENS,
+    "llama3": _TokenizerSpec(("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
+                             "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", None, True, _CHATML),
+    "olmo2": _TokenizerSpec(("<|endoftext|>", "<|pad|>"), "<|endoftext|>", "<|endoftext|>", "<|pad|>", None,
+                            False, _CHATML),
+    "granite": _TokenizerSpec(("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|pad|>"),
+                              "<|end_of_text|>", "<|end_of_text|>", "<|pad|>", None, False, _CHATML),
+    "cohere": _TokenizerSpec(("<PAD>", "<UNK>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>"),
+                             "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<PAD>", "<UNK>", True, _CHATML),
+    "starcoder2": _TokenizerSpec(("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"),
+                                 "<|endoftext|>", "<|endoftext|>", "<fim_pad>", "<|endoftext|>", False, _CHATML),
+    "stablelm": _TokenizerSpec(("<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>"), "<|endoftext|>",
+                               "<|endoftext|>", "<|padding|>", None, False, _CHATML),
+}
+
 # Tensor shapes are written with symbolic dimensions, resolved per model:
 #   h hidden, i intermediate, v vocab, q = heads*head_dim, kv = kv_heads*head_dim, d head_dim,
 #   qkv = q + 2*kv, gu = 2*i.
@@ -354,7 +371,11 @@ def make_tokenizer_files(folder: str | Path, family: str = "llama", tokenizer: s
     byte fallback, as those Hub repos ship, plus the equivalent tokenizer.json. Both come with
     tokenizer_config.json and special_tokens_map.json.
     """
-    spec = _family(family).tokens
+    return write_tokenizer(folder, _family(family).tokens, tokenizer, family)
+
+
+def write_tokenizer(folder: str | Path, spec: _TokenizerSpec, tokenizer: str = "bpe", family: str = "llama") -> int:
+    """make_tokenizer_files for a tokenizer spec (see TOKEN_SPECS); `family` names it in errors."""
     if tokenizer not in TOKENIZERS:
         raise ModelError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     folder = Path(folder)
@@ -477,7 +498,11 @@ def _write_sentencepiece_files(folder: Path, family: str, spec: _TokenizerSpec) 
 
 
 def _special_ids(family: str) -> dict[str, int | None]:
-    spec = _family(family).tokens
+    return special_ids(_family(family).tokens)
+
+
+def special_ids(spec: _TokenizerSpec) -> dict[str, int | None]:
+    """config.json's bos/eos/pad token ids for a tokenizer spec."""
     index = {t: i for i, t in enumerate(spec.specials)}
     return {
         "bos_token_id": index.get(spec.bos) if spec.bos else None,
@@ -534,7 +559,9 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], shards: int, 
 
 def _family(name: str) -> _Family:
     if name not in FAMILIES:
-        raise ModelError(f"unknown tiny model family {name!r}; choose one of {', '.join(FAMILIES)}")
+        from merger.app.tiny_hf import HF_FAMILIES
+
+        raise ModelError(f"unknown tiny model family {name!r}; choose one of {', '.join([*FAMILIES, *HF_FAMILIES])}")
     return FAMILIES[name]
 
 
@@ -543,7 +570,7 @@ def _generator(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(salt.encode("utf-8")))
 
 
-def _init(name: str, shape: tuple[int, ...], kind: str, seed: int) -> torch.Tensor:
+def init_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int) -> torch.Tensor:
     """Scaled random values: unit-variance activations at any width, norms near their identity."""
     noise = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
     if kind == "weight":
@@ -699,6 +726,14 @@ def make_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
     if perturb_from is not None:
         return _perturb(Path(perturb_from), folder, seed, perturb_scale, shards, dtype, header_only)
+    from merger.app.tiny_hf import HF_FAMILIES, make_hf_tiny_model
+
+    if family in HF_FAMILIES:
+        if layout != "new" or header_only or shards != 1:
+            raise ModelError(f"tiny {family} models are written by transformers: one shard, new layout, with data")
+        return make_hf_tiny_model(folder, family, seed=seed, num_layers=num_layers, hidden=hidden, vocab=vocab,
+                                  dtype=dtype or torch.float16, tie_word_embeddings=tie_word_embeddings,
+                                  tokenizer=tokenizer)
     fam = _family(family)
     if layout not in ("new", "legacy") or (layout == "legacy" and family != "phi"):
         raise ModelError(f"layout {layout!r} is not available for {family}; only phi has layout='legacy'")
@@ -713,7 +748,7 @@ def make_tiny_model(
     if tied and fam.lm_head_bias:
         raise ModelError(f"{family} has an lm_head bias and cannot tie word embeddings")
     dims = _dims(num_layers, hidden, vocab, fam.kv_heads)
-    tensors = {name: _init(name, shape, kind, seed).to(dtype) for name, shape, kind in _tensor_specs(fam, dims, tied)}
+    tensors = {name: init_tensor(name, shape, kind, seed).to(dtype) for name, shape, kind in _tensor_specs(fam, dims, tied)}
     config = _config(fam, dims, tied, dtype, family)
     if layout == "legacy":
         config, tensors = _legacy_phi(config, tensors)
