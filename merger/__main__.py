@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
     r.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA); default 0")
     r.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    r.add_argument("--max-memory", metavar="SIZE",
+                   help="working memory for the merge, e.g. 2GB or 500MB: tensors are merged in blocks that fit, "
+                   "with the same result (default: half the available RAM, or 80%% of the GPU's free memory)")
     r.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already exists")
     r.add_argument("--push", metavar="OWNER/NAME", help="push the result to this Hub repository")
     r.add_argument("--private", action="store_true", help="create the pushed repository as private")
@@ -137,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
                          overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
+                         max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
                          allow_local=not os.environ.get("SPACE_ID"))
     bar = StderrProgress()
     cancel = threading.Event()

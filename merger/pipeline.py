@@ -56,6 +56,7 @@ class RunOptions:
     overwrite_repo: bool = False
     allow_local: bool = True
     skip_check: bool = False
+    max_memory: int | None = None  # working-memory budget in bytes; None: derived from the device
 
 
 @dataclass
@@ -101,7 +102,8 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                 overwrite: bool = False, progress: EventCallback | None = None,
                 cancel: threading.Event | None = None,
                 extra_sinks: Callable[[Path, MergePlan, dict], list[Any]] | None = None,
-                before_commit: Callable[[Path, MergePlan], list[str]] | None = None) -> RunResult:
+                before_commit: Callable[[Path, MergePlan], list[str]] | None = None,
+                max_memory: int | None = None) -> RunResult:
     """Merge models already on disk into out_dir (mergekit's layout), atomically.
 
     `extra_sinks(tmp, plan, config)` may add outputs fed with every merged tensor as it is produced
@@ -132,8 +134,8 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
             if progress:
                 progress(Event("merge", p.done / max(p.total, 1), p.message, p.bytes_done, p.bytes_total))
 
-        MergeRunner(plan, readers, device=device, seed=seed, progress=on_progress, cancel=cancel).run(
-            [writer.write, *(sink.write for sink in sinks)])
+        MergeRunner(plan, readers, device=device, seed=seed, progress=on_progress, cancel=cancel,
+                    max_memory=max_memory).run([sink.write for sink in sinks], part_sinks=[writer.write_part])
         files += writer.finish()
         write_json(tmp / "config.json", config)
         files.append("config.json")
@@ -313,7 +315,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
                          shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
                          progress=report, cancel=cancel, before_commit=finalize,
-                         extra_sinks=gguf_stream if options.gguf else None)
+                         extra_sinks=gguf_stream if options.gguf else None, max_memory=options.max_memory)
     result.gguf_files = [result.out_dir / p.name for p in ggufs]
     result.sanity = sanity or None
     if options.push:
