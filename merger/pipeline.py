@@ -204,16 +204,19 @@ FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the CPU: skip it for big models
 
 
-def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False):
+def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
+          max_memory: int | None = None):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights."""
     from .check import check_recipe
 
-    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin)
+    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
+                        max_memory=max_memory)
 
 
 def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
-    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
+    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
+                   max_memory=options.max_memory)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
