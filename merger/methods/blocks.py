@@ -24,6 +24,9 @@ import torch
 
 GRANULE = 1024  # entries per summation granule (a power of two)
 _PIECE = 1 << 20  # entries converted to float64 at a time inside one reduction call
+# granules summed per tree call: each step then stays under torch's grain for threading, and small
+# element-wise steps run faster on one thread than split across busy cores
+_TREE_GRANULES = 32
 
 
 @dataclass(frozen=True)
@@ -237,9 +240,16 @@ def _tree(x: torch.Tensor) -> torch.Tensor:
     size = 1 << max(0, (n - 1).bit_length())
     if size != n:
         x = torch.cat([x, x.new_zeros((*x.shape[:-1], size - n))], dim=-1)
+    else:
+        x = x.clone()
+    return _tree_(x)
+
+
+def _tree_(x: torch.Tensor) -> torch.Tensor:
+    """`_tree` in place on `x` (last axis a power of two), which it overwrites."""
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+        x = x[..., :half].add_(x[..., half:])
     return x[..., 0]
 
 
@@ -247,25 +257,33 @@ def granule_sums(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor
     """Float64 sums of x (or x * y) over granules of each row of the 2-D `x`: [rows, ceil(cols / GRANULE)].
 
     Rows are cut into GRANULE-wide granules from their first column; products of float32 values are
-    exact in float64, and each granule is summed by `_tree`, so a granule's sum depends on its entries only.
+    exact in float64, and each granule is summed by the same pairwise tree (a partial last granule
+    padded with zeros), so a granule's sum depends on its entries only.
     """
     rows, cols = x.shape
     granules = -(-cols // GRANULE)
     out = torch.empty((rows, granules), dtype=torch.float64, device=x.device)
     row_step = max(1, _PIECE // max(cols, 1))
-    col_step = _PIECE if row_step == 1 else granules * GRANULE
+    col_step = _PIECE if row_step == 1 else cols
+    piece = torch.empty(min(rows, row_step) * min(granules, -(-col_step // GRANULE)) * GRANULE,
+                        dtype=torch.float64, device=x.device)
     for r in range(0, rows, row_step):
         for c in range(0, cols, col_step):
-            piece = x[r:r + row_step, c:c + col_step].double()
+            xs = x[r:r + row_step, c:c + col_step]
+            height, width = xs.shape
+            padded = -(-width // GRANULE) * GRANULE
+            values = piece[:height * padded].view(height, padded)
+            values[:, :width].copy_(xs)
+            if padded > width:
+                values[:, width:].zero_()
             if y is not None:
-                piece.mul_(y[r:r + row_step, c:c + col_step])
-            width = piece.shape[1]
-            pad = -width % GRANULE
-            if pad:
-                piece = torch.cat([piece, piece.new_zeros((piece.shape[0], pad))], dim=1)
+                values[:, :width].mul_(y[r:r + row_step, c:c + col_step])
             g0 = c // GRANULE
-            out[r:r + row_step, g0:g0 + piece.shape[1] // GRANULE] = _tree(
-                piece.reshape(piece.shape[0], -1, GRANULE))
+            grid = values.view(-1, GRANULE)
+            sums = torch.empty(grid.shape[0], dtype=torch.float64, device=x.device)
+            for i in range(0, grid.shape[0], _TREE_GRANULES):
+                sums[i:i + _TREE_GRANULES] = _tree_(grid[i:i + _TREE_GRANULES])
+            out[r:r + height, g0:g0 + padded // GRANULE] = sums.view(height, -1)
     return out
 
 
@@ -422,14 +440,63 @@ class Selection:
         return out
 
 
+_SAMPLE = 65_536  # entries sampled to bracket the k-th value before an in-memory exact selection
+
+
+def kth_in_memory(flat: torch.Tensor, k: int) -> float:
+    """The k-th smallest entry (1-based) of a 1-D tensor held whole, exactly.
+
+    A full selection is single-threaded and slow on large tensors, so a fixed pseudo-random sample
+    first brackets the answer; the exact selection then runs only on the entries inside the bracket.
+    When the bracket misses (it cannot be wrong, only unlucky) the full selection runs.
+    """
+    n = flat.numel()
+    if n > 16 * _SAMPLE:
+        picks = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n + k)).to(flat.device)
+        sample = flat[picks]
+        q = k / n
+        margin = int(6 * (_SAMPLE * q * (1 - q)) ** 0.5) + 16
+        centre = int(q * _SAMPLE)
+        lo = torch.kthvalue(sample, max(1, centre - margin)).values
+        hi = torch.kthvalue(sample, min(_SAMPLE, centre + margin)).values
+        below = int(torch.count_nonzero(flat < lo))
+        if below < k:
+            band = flat[(flat >= lo) & (flat <= hi)]
+            if below + band.numel() >= k:
+                return float(torch.kthvalue(band, k - below).values)
+    return float(torch.kthvalue(flat, k).values)
+
+
 def smallest_cutoffs(job: Job, streams: int, ks: Sequence[Sequence[int]] | Callable[[], Sequence[Sequence[int]]],
                      scores: Callable[[Block, int], torch.Tensor],
                      also: Callable[[Block], None] | None = None) -> list[list[Cutoff]]:
-    """Cutoffs of the ks[s] smallest `scores(block, s)` for every stream s, in two sweeps.
+    """Cutoffs of the ks[s] smallest `scores(block, s)` for every stream s.
 
     `also(block)` runs in the first sweep too (another reduction sharing the pass); `ks` may be a
-    function called after that sweep, when it depends on what the sweep counted.
+    function called after that sweep, when it depends on what the sweep counted. The k-th value is
+    unique, so however it is found the cutoffs are the same: a tensor held whole (one block) is
+    selected in memory in one sweep, a tensor in several blocks by histograms in two.
     """
+    if len(job.spans) == 1:
+        found: list[list[Cutoff]] = []
+
+        def select(block: Block) -> None:
+            if also is not None:
+                also(block)
+            wanted = ks() if callable(ks) else ks
+            for s in range(streams):
+                flat = scores(block, s).reshape(-1)
+                row = []
+                for k in wanted[s]:
+                    if 0 < k <= job.numel:
+                        threshold = kth_in_memory(flat, k)
+                        row.append(Cutoff(k, job.numel, threshold, int(torch.count_nonzero(flat < threshold))))
+                    else:
+                        row.append(Cutoff(k, job.numel))
+                found.append(row)
+
+        job.sweep(select)
+        return found
     selection = Selection(streams, job.numel)
 
     def visit(block: Block) -> None:
