@@ -389,6 +389,7 @@ class MergeRunner:
             self.blocks += 1
             _check_finite(out.name, values, out_dtype)
             host = self._host_output(values, out_dtype)
+            event = torch.cuda.current_stream(self.device).record_event() if values.device.type == "cuda" else None
             if self._written is not None:
                 self._written.result()
             whole = None
@@ -396,10 +397,11 @@ class MergeRunner:
                 if len(spans) == 1:
                     whole = host
                 else:
+                    if event is not None:
+                        event.synchronize()  # the block's device-to-host copy has landed
                     buffer = self._whole_buffer(out, out_dtype)
                     slice_span(buffer, layout, span).copy_(host)
                     whole = buffer if span == spans[-1] else None
-            event = torch.cuda.current_stream(self.device).record_event() if self.cuda else None
             self._written = self._writes.submit(self._emit, event, sinks if whole is not None else (), part_sinks,
                                                 out.name, host, whole)
 
@@ -539,6 +541,8 @@ class MergeRunner:
         while len(buffers) <= j:
             buffers.append(torch.empty(0, dtype=torch.uint8))
         if buffers[j].numel() < nbytes or buffers[j].device != device:
+            if buffers[j].is_cuda:
+                self._side.synchronize()  # the side stream's copies into the old buffer are done before it is freed
             buffers[j] = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return buffers[j][:nbytes].view(dtype).view(shape)
 

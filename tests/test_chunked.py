@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 
 from merger.budget import ElementCost, element_cost, memory_needed
 from merger.engine import MergeRunner, plan_merge
-from merger.errors import ModelError
 from merger.methods import METHODS, MergeInputs
 from merger.methods.blocks import GRANULE, Layout, Sums, Job, slice_span
-from merger.pipeline import inspect_models, merge_local, resolve_local
+from merger.pipeline import inspect_models, resolve_local
 from merger.recipe import parse_recipe
 from merger.sources import open_reader
 
