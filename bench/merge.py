@@ -1,6 +1,7 @@
 """Merge throughput and peak memory, side by side in one run: ours, mergekit's, and the I/O floor.
 
     .venv/bin/python bench/merge.py [--layers 20] [--hidden 1536] [--vocab 32000] [--skip-mergekit]
+    .venv/bin/python bench/merge.py --wide --layers 1 --repeat 1 [--max-memory 1GB]
 
 A synthetic fp16 Llama shape (default ~0.55B parameters) and two fine-tunes of it are generated; then
 linear (2 models) and ties (3 models) run with our CLI and with mergekit's, each in its own process
@@ -115,8 +116,26 @@ def recipes(models: list[Path], root: Path) -> dict[str, Path]:
     return out
 
 
-def ours(recipe: Path, out: Path) -> tuple[float, float]:
-    return timed([sys.executable, "-m", "merger", "run", str(recipe), str(out), "--device", "cpu"], clean=out)
+def ours(recipe: Path, out: Path, max_memory: str | None = None) -> tuple[float, float]:
+    budget = ["--max-memory", max_memory] if max_memory else []
+    return timed([sys.executable, "-m", "merger", "run", str(recipe), str(out), "--device", "cpu", *budget], clean=out)
+
+
+def wide(root: Path, layers: int, max_memory: str, skip_mergekit: bool) -> None:
+    """TIES over three models of a Llama-3-wide shape (hidden 4096, vocab 128256): the embedding and
+    the head are 525M entries each, so peak memory is set by the memory budget, not the tensors."""
+    models = make_models(root / "wide", layers, 4096, 128256)
+    rec = recipes(models, root)["ties"]
+    o_s, o_rss = ours(rec, root / "ours-wide", max_memory)
+    shutil.rmtree(root / "ours-wide", ignore_errors=True)
+    print(f"wide shape: {params(models[0]):.2f}B parameters fp16 per model, {layers} layer(s), hidden 4096, "
+          f"vocab 128256; CPU threads: {os.cpu_count()}")
+    print(f"ties, ours with --max-memory {max_memory}: {o_s:.1f}s, peak RSS {o_rss:.2f}G")
+    if not skip_mergekit:
+        m_s, m_rss = theirs(rec, root / "mk-wide")
+        shutil.rmtree(root / "mk-wide", ignore_errors=True)
+        print(f"ties, mergekit: {m_s:.1f}s, peak RSS {m_rss:.2f}G; ours / mergekit: time {o_s / m_s:.2f}x, "
+              f"RSS {o_rss / m_rss:.2f}x")
 
 
 # mergekit at its best on a CPU: fp32 compute (the `-fp32` recipes), lazy unpickling, and small output shards
@@ -150,10 +169,17 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per contender; the best time is kept")
     ap.add_argument("--workdir", default=None, help="where to generate models (default: a temp folder)")
+    ap.add_argument("--wide", action="store_true",
+                    help="only the wide-vocabulary shape (hidden 4096, vocab 128256, --layers layers; mergekit "
+                    "peaks near 20 GB there: run it alone, e.g. under flock)")
+    ap.add_argument("--max-memory", default="1GB", help="our memory budget for the wide shape (default 1GB)")
     args = ap.parse_args()
     REPEAT = args.repeat
     root = Path(args.workdir or tempfile.mkdtemp(prefix="merge-bench-"))
     try:
+        if args.wide:
+            wide(root, args.layers, args.max_memory, args.skip_mergekit)
+            return
         models = make_models(root / "m1", args.layers, args.hidden, args.vocab)
         size = params(models[0])
         rec = recipes(models, root)

@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="also load pickle .bin weights (with torch's safe weights-only loader)")
         sp.add_argument("--gguf", default="", metavar="TYPES",
                         help="comma-separated GGUF types to produce, e.g. Q4_K_M,Q8_0 (F16, BF16, F32 too)")
+        sp.add_argument("--max-memory", metavar="SIZE",
+                        help="working memory for the merge, e.g. 2GB or 500MB: tensors are merged in blocks that "
+                        "fit, with the same result (default: half the available RAM, or 80%% of the GPU's free "
+                        "memory); the check's RAM/VRAM estimates use it")
 
     c = sub.add_parser("check", help="validate a recipe and its models without downloading weights",
                        description="Validate a recipe and its models from config.json, tokenizer configs and "
@@ -124,8 +128,12 @@ def cmd_methods() -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .pipeline import check
 
+    from .writer import parse_size
+
     recipe = _read_recipe(args.recipe)
-    report = check(recipe, token=args.token, gguf=_gguf_types(args.gguf), allow_bin=args.allow_bin)
+    budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    report = check(recipe, token=args.token, gguf=_gguf_types(args.gguf), allow_bin=args.allow_bin,
+                   max_memory=budget)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.ok else 1
 
@@ -141,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
                          overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
                          allow_local_paths=args.allow_local_paths,
+                         max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
                          allow_local=not os.environ.get("SPACE_ID"))
     bar = StderrProgress()
     cancel = threading.Event()

@@ -12,8 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
+
 from . import architecture as arch
 from .architecture import ModelInfo, TensorRef
+from .budget import MemoryNeed, default_budget, memory_needed
 from .card import ParentInfo, license_conflict, local_license
 from .errors import MergerError
 from .recipe import InputModel, ModelRef, Recipe
@@ -27,7 +30,6 @@ GGUF_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, 
              "Q5_1": 6.0, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_1": 5.0, "Q4_0": 4.5,
              "IQ4_XS": 4.25, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35}
 FLOAT_GGUF = ("F32", "F16", "BF16")
-MERGE_WORK_BUFFERS = 2  # beyond one fp32 copy per input: the result and one temporary
 GGUF_WORK_BUFFERS = 3  # fp32 tensor, its converted copy, the quantizer's scratch
 
 
@@ -62,6 +64,7 @@ class Estimates:
     disk_bytes: int
     merge_ram_bytes: int
     gguf_ram_bytes: int
+    merge_vram_bytes: int = 0  # the same merge on a GPU, at the same budget
 
 
 @dataclass
@@ -111,7 +114,8 @@ class CheckReport:
                       f"  download        {_bytes(e.download_bytes)}",
                       f"  merged output   {_bytes(e.output_bytes)}",
                       f"  disk (peak)     {_bytes(e.disk_bytes)}",
-                      f"  RAM, merge      {_bytes(e.merge_ram_bytes)}"]
+                      f"  RAM, merge      {_bytes(e.merge_ram_bytes)}",
+                      f"  VRAM, on a GPU  {_bytes(e.merge_vram_bytes)}"]
             if self.gguf_types:
                 kinds = ", ".join(self.gguf_types)
                 if any(t not in FLOAT_GGUF for t in self.gguf_types) and "F16" not in self.gguf_types:
@@ -178,8 +182,10 @@ def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> I
 # ---------------------------------------------------------------- the check
 
 def check_recipe(recipe: Recipe, *, inspect: Inspector | None = None, token: str | None = None,
-                 gguf_types: Iterable[str] | None = None, allow_bin: bool = False) -> CheckReport:
-    """Every problem of this recipe with these models, found from metadata alone."""
+                 gguf_types: Iterable[str] | None = None, allow_bin: bool = False,
+                 max_memory: int | None = None) -> CheckReport:
+    """Every problem of this recipe with these models, found from metadata alone; memory estimates at
+    the budget `max_memory` (default: this machine's, see merger.budget)."""
     inspect = inspect or default_inspector(token=token, allow_bin=allow_bin)
     problems: list[Problem] = []
     gguf = tuple(t.upper() for t in gguf_types or ())
@@ -209,7 +215,7 @@ def check_recipe(recipe: Recipe, *, inspect: Inspector | None = None, token: str
     reference = _reference(groups)
     if gguf and reference in models:
         problems += _gguf_problems(models[reference])
-    estimates = _estimates(recipe, groups, models, gguf) if reference in models else None
+    estimates = _estimates(recipe, groups, models, gguf, max_memory) if reference in models else None
     unique = list(dict.fromkeys(problems))
     return CheckReport(recipe, models, access, licenses, unique, estimates, gguf)
 
@@ -423,8 +429,26 @@ def _gguf_problems(info: ModelInfo) -> list[Problem]:
         if reason else []
 
 
+def merge_memory(recipe: Recipe, models: Mapping[ModelRef, ModelInfo], *, budget: int | None,
+                 cuda: bool = False, gguf: bool = False) -> MemoryNeed:
+    """RAM and VRAM the merge of `recipe` needs at a memory budget (None: whole tensors at once), from
+    the models' headers: the process's base plus one block of the largest tensor (see merger.budget).
+    For choosing hardware: the need stops growing with the model once the budget is below it."""
+    from .methods import METHODS
+
+    groups = _groups(recipe)
+    method = METHODS.get(recipe.method, METHODS["linear"])
+    largest = max((t.numel for info in models.values() for t in info.tensors.values()), default=0)
+    inputs = max((len(inputs) for inputs, _, _ in groups), default=1)
+    reference = models.get(_reference(groups)) or next(iter(models.values()), None)
+    stored = DTYPE_BYTES.get(reference.dtype if reference else "", 2)
+    out = DTYPE_BYTES.get(recipe.output_dtype or (reference.dtype if reference else "") or "float16", 2)
+    return memory_needed(method, inputs, largest, budget=budget, stored_bytes=stored, out_bytes=out, cuda=cuda,
+                         whole_tensor_sinks=gguf)
+
+
 def _estimates(recipe: Recipe, groups: list[tuple[list[InputModel], ModelRef | None, str]],
-               models: Mapping[ModelRef, ModelInfo], gguf: tuple[str, ...]) -> Estimates:
+               models: Mapping[ModelRef, ModelInfo], gguf: tuple[str, ...], max_memory: int | None) -> Estimates:
     reference = models[_reference(groups)]
     download = sum(info.size_bytes for ref, info in models.items() if not ref.local)
     params = sum(t.numel for name, t in reference.tensors.items() if arch.layer_index(name) is None)
@@ -441,12 +465,13 @@ def _estimates(recipe: Recipe, groups: list[tuple[list[InputModel], ModelRef | N
         gguf_files.append("F16")  # llama.cpp quantizes from an intermediate F16 file
     gguf_bytes = int(sum(params * GGUF_BITS.get(t, 16.0) / 8 for t in gguf_files))
     largest = max((t.numel for info in models.values() for t in info.tensors.values()), default=0)
-    inputs_per_tensor = max((len(inputs) for inputs, _, _ in groups), default=1)
+    budget = max_memory if max_memory is not None else default_budget(torch.device("cpu"))
     return Estimates(
         download_bytes=download, output_bytes=output, gguf_bytes=gguf_bytes,
         disk_bytes=download + output + gguf_bytes,
-        merge_ram_bytes=largest * 4 * (inputs_per_tensor + MERGE_WORK_BUFFERS),
+        merge_ram_bytes=merge_memory(recipe, models, budget=budget, gguf=bool(gguf)).ram_bytes,
         gguf_ram_bytes=largest * 4 * GGUF_WORK_BUFFERS if gguf else 0,
+        merge_vram_bytes=merge_memory(recipe, models, budget=max_memory, cuda=True).vram_bytes,
     )
 
 

@@ -20,7 +20,9 @@ import torch
 
 from . import architecture as arch
 from .errors import CancelledError, ModelError, RecipeError
-from .methods import MergeInputs, Method, get_method
+from .budget import default_budget, element_cost
+from .methods import Method, get_method
+from .methods.blocks import Job, Layout, Span, slice_span
 from .recipe import InputModel, ModelRef, Recipe, Slice, resolve_parameter
 from .sources import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPES
 
@@ -277,26 +279,48 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-Reader = Any  # merger.sources.TensorReader or BinReader
+Reader = Any  # merger.sources.TensorReader or BinReader (anything with read(name, rows=, out=))
+Sink = Callable[[str, torch.Tensor], None]
 
 
 class MergeRunner:
-    """Runs a plan: reads inputs (prefetching the next tensor), merges on the device, feeds the sinks."""
+    """Runs a plan block by block under a memory budget: reads the next block while this one merges
+    (one set of reused read buffers), merges on the device, and streams each block to the sinks.
+
+    Part sinks take each output block as it comes (rows in order, or pieces of one row): the
+    safetensors writer. Whole sinks (the GGUF stream, which permutes and quantizes whole tensors) get
+    each output tensor once complete, assembled on the host outside the budget.
+    """
 
     def __init__(self, plan: MergePlan, readers: Mapping[ModelRef, Reader], *, device: str = "auto",
                  seed: int = 0, progress: ProgressCallback | None = None,
-                 cancel: Callable[[], bool] | threading.Event | None = None) -> None:
+                 cancel: Callable[[], bool] | threading.Event | None = None, max_memory: int | None = None) -> None:
         self.plan = plan
         self.readers = readers
         self.device = resolve_device(device)
+        self.cuda = self.device.type == "cuda"
+        self.budget = max_memory if max_memory is not None else default_budget(self.device)
+        if self.budget <= 0:
+            raise ModelError("--max-memory must be positive, e.g. 2GB or 500MB")
         self.seed = seed
         self.progress = progress
         self._cancel = cancel
         self.compute_dtype = TORCH_DTYPES[RECIPE_TO_SAFETENSORS[plan.recipe.dtype]] if plan.recipe.dtype else None
-        self._inputs: list[torch.Tensor] = []
+        self.blocks = 0  # blocks merged or copied so far, every pass counted once
+        self._raw: list[torch.Tensor] = []  # host read buffers, one per input, refilled once a block is staged
+        self._staged: list[list[torch.Tensor]] = [[], []]  # staged inputs; two sets on a GPU
         self._kernel_buffers: dict[str, torch.Tensor] = {}
-        self._raw: list[torch.Tensor] = []  # read buffers, one per input, refilled once a tensor is staged
         self._outputs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._slot = 0
+        self._whole = torch.empty(0, dtype=torch.uint8)
+        self._spans: dict[int, list[Span]] = {}
+        self._pending: tuple[tuple[int, int], Future] | None = None
+        self._written: Future | None = None
+        self._reads: ThreadPoolExecutor | None = None
+        self._writes: ThreadPoolExecutor | None = None
+        self._raw_in_use: Any = None  # on a GPU: the event after which the read buffers may be refilled
+        self._released: Any = None  # on a GPU: the event after which the older staged set is free
+        self._side = torch.cuda.Stream(self.device) if self.cuda else None
 
     def cancelled(self) -> bool:
         c = self._cancel
@@ -304,108 +328,110 @@ class MergeRunner:
             return False
         return c.is_set() if isinstance(c, threading.Event) else bool(c())
 
-    def _read(self, out: PlannedOutput) -> list[torch.Tensor]:
-        """The raw inputs of `out`, read into reused buffers (free again once the last one was staged)."""
-        tensors: list[torch.Tensor] = []
-        for j, s in enumerate(out.sources):
-            while len(self._raw) <= j:
-                self._raw.append(torch.empty(0, dtype=torch.uint8))
-            nbytes = math.prod(s.ref.shape) * DTYPE_BYTES[s.ref.dtype]
-            if self._raw[j].numel() < nbytes:
-                self._raw[j] = torch.empty(nbytes, dtype=torch.uint8)
-            tensors.append(self.readers[s.model].read(s.ref.source_name, s.ref.rows, out=self._raw[j]))
-        return tensors
-
-    def run(self, sinks: Sequence[Callable[[str, torch.Tensor], None]]) -> None:
-        """Merge every planned tensor: the next tensor is read while this one merges and the previous
-        one is written (one set of read buffers, two output buffers)."""
+    def run(self, sinks: Sequence[Sink] = (), part_sinks: Sequence[Sink] = ()) -> None:
+        """Merge every planned tensor into the sinks, in plan order."""
         outputs = self.plan.outputs
         done_bytes = 0
         self._report("merge", 0, done_bytes, f"merging {len(outputs)} tensors on {self.device.type}")
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reads, \
                 ThreadPoolExecutor(1, thread_name_prefix="write") as writes:
-            pending: list[Future] = [reads.submit(self._read, outputs[0])] if outputs else []
-            written: Future | None = None
-            for i, out in enumerate(outputs):
-                if self.cancelled():
-                    raise CancelledError("the merge was cancelled")
-                raw = pending.pop().result()
-
-                def read_next(i: int = i) -> None:  # the read buffers are free once tensor i is staged
-                    if i + 1 < len(outputs):
-                        pending.append(reads.submit(self._read, outputs[i + 1]))
-
-                result = self.compute(out, raw, slot=i % 2, on_staged=read_next)
-                if written is not None:
-                    written.result()
-                written = writes.submit(self._emit, sinks, out.name, result)
-                done_bytes += out.nbytes
-                self._report("merge", i + 1, done_bytes, out.name)
-            if written is not None:
-                written.result()
-
-    @staticmethod
-    def _emit(sinks: Sequence[Callable[[str, torch.Tensor], None]], name: str, tensor: torch.Tensor) -> None:
-        for sink in sinks:
-            sink(name, tensor)
+            self._reads, self._writes = reads, writes
+            try:
+                for i, out in enumerate(outputs):
+                    if self.cancelled():
+                        raise CancelledError("the merge was cancelled")
+                    self.compute(i, sinks, part_sinks)
+                    done_bytes += out.nbytes
+                    self._report("merge", i + 1, done_bytes, out.name)
+                if self._written is not None:
+                    self._written.result()
+            finally:
+                self._pending = self._written = None
+                self._reads = self._writes = None
 
     def _report(self, stage: str, done: int, bytes_done: int, message: str) -> None:
         if self.progress:
             self.progress(Progress(stage, done, len(self.plan.outputs), bytes_done, self.plan.total_bytes, message))
 
-    def compute(self, out: PlannedOutput, raw: list[torch.Tensor], slot: int = 0,
-                on_staged: Callable[[], None] | None = None) -> torch.Tensor:
-        """One output tensor from its raw inputs (already read), in the output dtype, on the CPU.
+    # ---------------------------------------------------------------- one output tensor
 
-        Inputs are converted into reused fp32 workspaces and results cast into a ring of two reused
-        output buffers (one being written while the next is computed): fresh multi-hundred-MB
-        allocations cost more in page faults than the arithmetic itself.
-        """
+    def spans(self, index: int) -> list[Span]:
+        """The blocks output `index` is cut into under the budget."""
+        if index not in self._spans:
+            out = self.plan.outputs[index]
+            method = self.plan.method if out.merge else None
+            stored = [DTYPE_BYTES[s.ref.dtype] for s in (out.sources if out.merge else out.sources[:1])]
+            cost = element_cost(method, stored, DTYPE_BYTES[out.dtype], self.cuda)
+            elements = cost.block_elements(self.budget, self.cuda)
+            self._spans[index] = Layout(out.shape).spans(elements, method is not None and method.whole_rows)
+        return self._spans[index]
+
+    def compute(self, index: int, sinks: Sequence[Sink] = (), part_sinks: Sequence[Sink] = ()) -> None:
+        """Output tensor `index`, block by block, into the sinks, in the output dtype."""
+        out = self.plan.outputs[index]
+        spans = self.spans(index)
+        layout = Layout(out.shape)
         out_dtype = TORCH_DTYPES[out.dtype]
+
+        def load(i: int, final: bool) -> list[torch.Tensor]:
+            if self.cancelled():
+                raise CancelledError("the merge was cancelled")
+            tensors = self._stage(index, i, set_index=i % 2 if self.cuda and len(spans) > 1 else 0)
+            if len(spans) == 1 or (final and i + 1 == len(spans)):
+                following = (index + 1, 0) if index + 1 < len(self.plan.outputs) else None
+            else:
+                following = (index, (i + 1) % len(spans))  # another block, or the first of the next pass
+            if following is not None:
+                self._submit_read(following)
+            return tensors
+
+        def emit(span: Span, values: torch.Tensor) -> None:
+            self.blocks += 1
+            _check_finite(out.name, values, out_dtype)
+            host = self._host_output(values, out_dtype)
+            event = torch.cuda.current_stream(self.device).record_event() if values.device.type == "cuda" else None
+            if self._written is not None:
+                self._written.result()
+            whole = None
+            if sinks:
+                if len(spans) == 1:
+                    whole = host
+                else:
+                    if event is not None:
+                        event.synchronize()  # the block's device-to-host copy has landed
+                    buffer = self._whole_buffer(out, out_dtype)
+                    slice_span(buffer, layout, span).copy_(host)
+                    whole = buffer if span == spans[-1] else None
+            self._written = self._writes.submit(self._emit, event, sinks if whole is not None else (), part_sinks,
+                                                out.name, host, whole)
+
+        job_kw = dict(device=self.device if out.merge else torch.device("cpu"), workspace=self._scratch)
         if not out.merge:
-            first = raw[0]
-            if out.rows is not None:
-                first = first[: out.rows]
-            _check_finite(out.name, first, out_dtype)
-            result = self._output(first, out_dtype, slot)
-            if on_staged:
-                on_staged()
-            return result
-        tensors = []
-        for i, x in enumerate(raw):
-            raw[i] = None  # drop the stored-dtype copy as soon as its fp32 copy exists
-            if self.compute_dtype is not None and x.dtype != self.compute_dtype:
-                x = x.to(self.compute_dtype)  # mergekit loads inputs in `dtype`, then computes in fp32
-            if out.rows is not None:
-                x = x[: out.rows]
-            tensors.append(self._workspace(i, x.shape).copy_(x, non_blocking=True))
-        if on_staged:
-            on_staged()
-        if out.vocab is not None:
-            tensors = _gather_vocab(tensors, out.vocab)
-        result = self._merge(out, tensors)
-        del tensors
-        _check_finite(out.name, result, out_dtype)
-        return self._output(result, out_dtype, slot)
+            job = Job(out.shape, 1, spans, load, emit, name=out.name, **job_kw)
+            job.emit(lambda block: block.tensors[0])
+            return
+        method = self.plan.method
+        shared, per_model = self._parameters(out)
+        generator = None
+        if method.randomized:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(tensor_seed(self.seed, out.name))
+        method.run(Job(out.shape, len(out.sources), spans, load, emit, base_index=out.base_index,
+                       model_params=per_model, params=shared, name=out.name, generator=generator, **job_kw))
 
-    def _workspace(self, index: int, shape: torch.Size) -> torch.Tensor:
-        """A reused fp32 buffer on the device for input `index`, viewed as `shape`."""
-        n = math.prod(shape)
-        while len(self._inputs) <= index:
-            self._inputs.append(torch.empty(0, dtype=torch.float32, device=self.device))
-        if self._inputs[index].numel() < n:
-            self._inputs[index] = torch.empty(n, dtype=torch.float32, device=self.device)
-        return self._inputs[index][:n].view(shape)
+    @staticmethod
+    def _emit(event: Any, sinks: Sequence[Sink], part_sinks: Sequence[Sink], name: str, part: torch.Tensor,
+              whole: torch.Tensor | None) -> None:
+        if event is not None:
+            event.synchronize()  # the device-to-host copy of this block has landed
+        for sink in part_sinks:
+            sink(name, part)
+        if whole is not None:
+            for sink in sinks:
+                sink(name, whole)
 
-    def _output(self, tensor: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
-        """`tensor` cast to `dtype` into CPU output buffer `slot` (the writer may still hold the other)."""
-        nbytes = tensor.numel() * torch.empty(0, dtype=dtype).element_size()
-        if self._outputs[slot].numel() < nbytes:
-            self._outputs[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        view = self._outputs[slot][:nbytes].view(dtype).view(tensor.shape)
-        return view.copy_(tensor)
-
-    def _merge(self, out: PlannedOutput, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _parameters(self, out: PlannedOutput) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The method's shared values and each input's own, resolved for this tensor."""
         method = self.plan.method
         recipe = self.plan.recipe
         shared, per_model = {}, []
@@ -421,13 +447,122 @@ class MergeRunner:
                     continue
                 values[p.name] = resolve_parameter(p, (*own, out.slice_params, recipe.params), src_name, out.t)
             per_model.append(values)
-        generator = None
-        if method.randomized:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(tensor_seed(self.seed, out.name))
-        return method.merge(MergeInputs(tensors=tensors, base_index=out.base_index, model_params=per_model,
-                                        params=shared, name=out.name, generator=generator,
-                                        workspace=self._scratch))
+        return shared, per_model
+
+    # ---------------------------------------------------------------- reading and staging
+
+    def _submit_read(self, key: tuple[int, int]) -> None:
+        if self._reads is None or (self._pending is not None and self._pending[0] == key):
+            return
+        self._pending = (key, self._reads.submit(self._read, key, self._raw_in_use))
+
+    def _read(self, key: tuple[int, int], wait: Any = None) -> list[torch.Tensor]:
+        """The stored bytes of block key = (output, block) of every input, in the reused read buffers."""
+        if wait is not None:
+            wait.synchronize()  # the previous block's host-to-device copies have read the buffers
+        index, i = key
+        out = self.plan.outputs[index]
+        span = self.spans(index)[i]
+        sources = out.sources if out.merge else out.sources[:1]
+        return [self._read_source(out, j, span) for j in range(len(sources))]
+
+    def _read_source(self, out: PlannedOutput, j: int, span: Span) -> torch.Tensor:
+        ref = out.sources[j].ref
+        (r0, r1), (c0, c1) = span.rows, span.cols
+        trailing, cut = tuple(ref.shape[1:]), None
+        if len(out.shape) <= 1:  # a vector's "rows" in the file are its entries
+            runs = [(j, c0, c1)]
+        else:
+            runs = _row_runs(out, j, r0, r1)
+            cut = (c0, c1) if (c0, c1) != (0, math.prod(trailing)) else None
+        row_bytes = math.prod(trailing) * DTYPE_BYTES[ref.dtype]
+        nbytes = sum(stop - start for _, start, stop in runs) * row_bytes
+        while len(self._raw) <= j:
+            self._raw.append(torch.empty(0, dtype=torch.uint8))
+        if self._raw[j].numel() < nbytes:
+            self._raw[j] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        done = 0
+        for k, start, stop in runs:
+            src = out.sources[k]
+            src_offset = src.ref.rows[0] if src.ref.rows else 0
+            size = (stop - start) * row_bytes
+            dest = self._raw[j][done:done + size]
+            rows = (src_offset + start, src_offset + stop) if out.shape else src.ref.rows
+            got = self.readers[src.model].read(src.ref.source_name, rows, out=dest)
+            if got.data_ptr() != dest.data_ptr():  # a reader that ignores `out` (pickle checkpoints)
+                dest.copy_(got.reshape(-1).view(torch.uint8))
+            done += size
+        dtype = TORCH_DTYPES[ref.dtype]
+        if len(out.shape) <= 1:
+            return self._raw[j][:nbytes].view(dtype).reshape(span.shape)
+        rows = self._raw[j][:nbytes].view(dtype).reshape(-1, *trailing)
+        return rows.reshape(1, -1)[:, cut[0]:cut[1]] if cut else rows
+
+    def _stage(self, index: int, i: int, set_index: int) -> list[torch.Tensor]:
+        """Block i of output `index` on the merging device: float32 (in `dtype` first when the recipe
+        sets one), or the stored dtype on the host for a plain copy. On a GPU the copies run on a side
+        stream into the older of two staged sets, so they overlap the merge of the previous block."""
+        key = (index, i)
+        pending, self._pending = self._pending, None
+        raw = pending[1].result() if pending is not None and pending[0] == key else self._read(key, self._raw_in_use)
+        out = self.plan.outputs[index]
+        staged = []
+        copy_to_device = self.cuda and out.merge
+        if copy_to_device:
+            compute = torch.cuda.current_stream(self.device)
+            mark = compute.record_event()
+            if self._released is not None:
+                self._side.wait_event(self._released)  # the set written now was last read two blocks ago
+            self._released = mark
+        for j, x in enumerate(raw):
+            if not out.merge:
+                staged.append(self._staging(set_index, j, x.shape, x.dtype, torch.device("cpu")).copy_(x))
+                continue
+            if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+                x = x.to(self.compute_dtype)  # mergekit loads inputs in `dtype`, then computes in fp32
+            target = self._staging(set_index, j, x.shape, torch.float32, self.device)
+            if copy_to_device:
+                with torch.cuda.stream(self._side):
+                    target.copy_(x, non_blocking=True)
+            else:
+                target.copy_(x)
+            staged.append(target)
+        if copy_to_device:
+            copied = self._side.record_event()
+            torch.cuda.current_stream(self.device).wait_event(copied)
+            self._raw_in_use = copied
+        return staged
+
+    def _staging(self, set_index: int, j: int, shape: torch.Size, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+        """A reused buffer for input j of a staged set, viewed as `shape` of `dtype`."""
+        buffers = self._staged[set_index]
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        while len(buffers) <= j:
+            buffers.append(torch.empty(0, dtype=torch.uint8))
+        if buffers[j].numel() < nbytes or buffers[j].device != device:
+            if buffers[j].is_cuda:
+                self._side.synchronize()  # the side stream's copies into the old buffer are done before it is freed
+            buffers[j] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buffers[j][:nbytes].view(dtype).view(shape)
+
+    # ---------------------------------------------------------------- outputs
+
+    def _host_output(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`values` cast to `dtype` into the next host output buffer (the writer may hold the other)."""
+        slot, self._slot = self._slot, self._slot ^ 1
+        nbytes = values.numel() * torch.empty(0, dtype=dtype).element_size()
+        if self._outputs[slot].numel() < nbytes:
+            self._outputs[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        view = self._outputs[slot][:nbytes].view(dtype).view(values.shape)
+        if values.device.type == "cuda":
+            return view.copy_(values.to(dtype), non_blocking=True)
+        return view.copy_(values)
+
+    def _whole_buffer(self, out: PlannedOutput, dtype: torch.dtype) -> torch.Tensor:
+        if self._whole.numel() < out.nbytes:
+            self._whole = torch.empty(out.nbytes, dtype=torch.uint8)
+        return self._whole[:out.nbytes].view(dtype).view(out.shape)
 
     def _scratch(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A kernel's reused buffer (result or scratch), kept per key; grown, never shrunk."""
@@ -436,6 +571,24 @@ class MergeRunner:
         if buffer is None or buffer.numel() < n:
             buffer = self._kernel_buffers[key] = torch.empty(n, dtype=torch.float32, device=self.device)
         return buffer[:n].view(shape)
+
+
+def _row_runs(out: PlannedOutput, j: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
+    """Where input j's rows [r0, r1) of output `out` come from: runs (source position, first, stop) of
+    consecutive stored rows. Without a vocabulary map that is one run of the input's own rows; with
+    one, output row r is input row index[r], or the fallback input's row where input j lacks the token."""
+    if out.vocab is None:
+        return [(j, r0, r1)]
+    index = out.vocab.index[j][r0:r1].tolist()
+    fallback = out.vocab.index[out.vocab.fallback][r0:r1].tolist()
+    runs: list[tuple[int, int, int]] = []
+    for row, fb in zip(index, fallback):
+        k, stored = (j, row) if row >= 0 else (out.vocab.fallback, max(fb, 0))
+        if runs and runs[-1][0] == k and runs[-1][2] == stored:
+            runs[-1] = (k, runs[-1][1], stored + 1)
+        else:
+            runs.append((k, stored, stored + 1))
+    return runs
 
 
 def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -451,20 +604,6 @@ def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> No
     if not (math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit):
         raise ModelError(f"the merge produced NaN or Inf values in {name}; check the inputs for NaN/Inf weights "
                          "and the recipe's parameters (values beyond the output dtype's range become Inf)")
-
-
-def _gather_vocab(tensors: list[torch.Tensor], vocab: VocabMap) -> list[torch.Tensor]:
-    fallback_tensor = tensors[vocab.fallback]
-    fb_index = vocab.index[vocab.fallback].to(fallback_tensor.device)
-    out = []
-    for x, index in zip(tensors, vocab.index):
-        index = index.to(x.device)
-        rows = x[index.clamp(min=0)]
-        missing = index < 0
-        if missing.any():
-            rows[missing] = fallback_tensor[fb_index[missing].clamp(min=0)]
-        out.append(rows)
-    return out
 
 
 __all__ = ["MergePlan", "MergeRunner", "PlannedOutput", "Progress", "plan_merge", "resolve_device",

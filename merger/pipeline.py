@@ -58,6 +58,7 @@ class RunOptions:
     allow_local: bool = True
     allow_local_paths: bool = False  # a push may publish local folder paths of parents with no Hub origin
     skip_check: bool = False
+    max_memory: int | None = None  # working-memory budget in bytes; None: derived from the device
 
 
 @dataclass
@@ -103,7 +104,8 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                 overwrite: bool = False, progress: EventCallback | None = None,
                 cancel: threading.Event | None = None,
                 extra_sinks: Callable[[Path, MergePlan, dict], list[Any]] | None = None,
-                before_commit: Callable[[Path, MergePlan], list[str]] | None = None) -> RunResult:
+                before_commit: Callable[[Path, MergePlan], list[str]] | None = None,
+                max_memory: int | None = None) -> RunResult:
     """Merge models already on disk into out_dir (mergekit's layout), atomically.
 
     `extra_sinks(tmp, plan, config)` may add outputs fed with every merged tensor as it is produced
@@ -134,8 +136,8 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
             if progress:
                 progress(Event("merge", p.done / max(p.total, 1), p.message, p.bytes_done, p.bytes_total))
 
-        MergeRunner(plan, readers, device=device, seed=seed, progress=on_progress, cancel=cancel).run(
-            [writer.write, *(sink.write for sink in sinks)])
+        MergeRunner(plan, readers, device=device, seed=seed, progress=on_progress, cancel=cancel,
+                    max_memory=max_memory).run([sink.write for sink in sinks], part_sinks=[writer.write_part])
         files += writer.finish()
         write_json(tmp / "config.json", config)
         files.append("config.json")
@@ -204,16 +206,19 @@ FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the CPU: skip it for big models
 
 
-def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False):
+def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
+          max_memory: int | None = None):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights."""
     from .check import check_recipe
 
-    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin)
+    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
+                        max_memory=max_memory)
 
 
 def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
-    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
+    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
+                   max_memory=options.max_memory)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
@@ -327,7 +332,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
                          shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
                          progress=report, cancel=cancel, before_commit=finalize,
-                         extra_sinks=gguf_stream if options.gguf else None)
+                         extra_sinks=gguf_stream if options.gguf else None, max_memory=options.max_memory)
     result.gguf_files = [result.out_dir / p.name for p in ggufs]
     result.sanity = sanity or None
     if options.push:

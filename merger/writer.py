@@ -31,7 +31,7 @@ class PlannedTensor:
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "shard size") -> int:
     """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
     if isinstance(text, int):
         return text
@@ -43,9 +43,9 @@ def parse_size(text: str | int) -> int:
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
-        raise ModelError(f"shard size '{text}' is not a size; write it like 5GB, 500MB or 2GiB") from None
+        raise ModelError(f"{what} '{text}' is not a size; write it like 5GB, 500MB or 2GiB") from None
     if value < 1:
-        raise ModelError(f"shard size '{text}' must be positive")
+        raise ModelError(f"{what} '{text}' must be positive")
     return int(value)
 
 
@@ -81,6 +81,7 @@ class ShardedWriter:
         self._next = 0
         self._file = None
         self._shard_index = -1
+        self._part_bytes = 0  # bytes of the current tensor written so far (it may come in pieces)
         self.bytes_written = 0
 
     def _header(self, shard: list[PlannedTensor]) -> bytes:
@@ -95,22 +96,45 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor; it must come in plan order with the planned dtype and shape."""
-        if self._next >= len(self._order):
-            raise ValueError(f"{name} is not in the output plan")
-        shard_index, planned = self._order[self._next]
-        if name != planned.name:
-            raise ValueError(f"expected {planned.name} next, got {name}")
-        if tuple(tensor.shape) != planned.shape or SAFETENSORS_DTYPES[tensor.dtype] != planned.dtype:
+        planned = self._expect(name, tensor)
+        if self._part_bytes:
+            raise ValueError(f"{name} was started piece by piece; finish it with write_part")
+        if tuple(tensor.shape) != planned.shape:
             raise ValueError(f"{name}: planned {planned.dtype}{list(planned.shape)}, "
                              f"got {SAFETENSORS_DTYPES[tensor.dtype]}{list(tensor.shape)}")
-        if shard_index != self._shard_index:
+        self.write_part(name, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Append the next piece of the current planned tensor (its rows in order, or pieces of a row):
+        row-major data is contiguous, so the pieces' bytes in order are the tensor's bytes."""
+        planned = self._expect(name, part)
+        shard_index = self._order[self._next][0]
+        if self._part_bytes == 0 and shard_index != self._shard_index:
             self._open(shard_index)
-        data = tensor_bytes(tensor.detach().cpu())
+        data = tensor_bytes(part.detach().cpu())
+        if self._part_bytes + len(data) > planned.nbytes:
+            raise ValueError(f"{name}: more data than its planned {planned.dtype}{list(planned.shape)}")
         self._file.write(data)
         self.bytes_written += len(data)
+        self._part_bytes += len(data)
+        if self._part_bytes < planned.nbytes:
+            return
+        self._part_bytes = 0
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
             self._close_file()
+
+    def _expect(self, name: str, tensor: torch.Tensor) -> PlannedTensor:
+        """The planned tensor `name` must be the one being written (or the next), with its dtype."""
+        if self._next >= len(self._order):
+            raise ValueError(f"{name} is not in the output plan")
+        planned = self._order[self._next][1]
+        if name != planned.name:
+            raise ValueError(f"expected {planned.name} next, got {name}")
+        if SAFETENSORS_DTYPES[tensor.dtype] != planned.dtype:
+            raise ValueError(f"{name}: planned {planned.dtype}{list(planned.shape)}, "
+                             f"got {SAFETENSORS_DTYPES[tensor.dtype]}{list(tensor.shape)}")
+        return planned
 
     def _open(self, shard_index: int) -> None:
         self._close_file()

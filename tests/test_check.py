@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger import architecture as arch
+from merger.budget import BASE_RAM, CUDA_CONTEXT, REDUCTION_BYTES
 from merger.check import GGUF_BITS, Inspection, check_recipe
 from merger.recipe import InputModel, ModelRef, Recipe, Slice
 from merger.sources import read_local_headers
@@ -63,7 +64,12 @@ def test_header_only_finetunes_pass(models) -> None:
     assert e.download_bytes == 0  # local folders are not fetched
     assert e.output_bytes == info.param_count * 2  # float16 like the inputs
     largest = max(t.numel for t in info.tensors.values())
-    assert e.merge_ram_bytes == largest * 4 * (2 + 2)
+    # the budget holds the whole largest tensor: per entry, 2 fp16 reads (2 B each), 2 fp16 output
+    # blocks (2 B each), 2 fp32 inputs and ties' 2 + 4 fp32 temporaries (4 B each): 40 B; plus the base
+    assert e.merge_ram_bytes == BASE_RAM + REDUCTION_BYTES + largest * 40
+    assert e.merge_vram_bytes == CUDA_CONTEXT + REDUCTION_BYTES + largest * (2 * 2 * 4 + (2 + 4) * 4 + 2)
+    bounded = check_recipe(recipe("ties", [a, b], base=a), max_memory=2 * 400 * 40).estimates  # 400 entries
+    assert bounded.merge_ram_bytes == BASE_RAM + REDUCTION_BYTES + 400 * 40 < e.merge_ram_bytes
 
 
 def test_different_architectures(models) -> None:

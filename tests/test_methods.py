@@ -740,21 +740,22 @@ def test_ties_zero_sum_elects_positive_sign(models):
 
 @pytest.mark.parametrize("kind", ["normal", "fp16-ties", "constant", "sorted", "two-values"])
 @pytest.mark.parametrize("q", [1e-6, 0.2, 0.5, 0.97, 1.0])
-def test_bracketed_selection_equals_a_full_kthvalue(kind: str, q: float) -> None:
-    """The sampled bracket is only a shortcut: the k-th value is exactly torch.kthvalue's."""
+@pytest.mark.parametrize("block", [None, 250_000])
+def test_exact_selection_equals_a_full_kthvalue(kind: str, q: float, block: int | None) -> None:
+    """The two-sweep histogram selection over blocks gives exactly torch.kthvalue's k-th magnitude."""
     from merger.methods.sparsify import kth_smallest
 
     g = torch.Generator().manual_seed(3)
     n = 2_000_003
     flat = {
         "normal": lambda: torch.randn(n, generator=g),
-        "fp16-ties": lambda: torch.randn(n, generator=g).half().float().abs(),
+        "fp16-ties": lambda: torch.randn(n, generator=g).half().float(),
         "constant": lambda: torch.full((n,), 0.25),
         "sorted": lambda: torch.linspace(-1, 1, n),
         "two-values": lambda: (torch.rand(n, generator=g) < 0.5).float(),
-    }[kind]()
+    }[kind]().abs()
     k = max(1, int(q * n))
-    assert kth_smallest(flat, k) == torch.kthvalue(flat, k).values
+    assert kth_smallest(flat, k, block) == float(torch.kthvalue(flat, k).values)
 
 
 def test_smallest_mask_on_a_large_tied_tensor_matches_a_stable_sort() -> None:

@@ -1,20 +1,23 @@
 """The contract between a merge method and its callers: parameters, inputs, and the method record.
 
-A method is data (its parameters, its input rules, its paper) plus one kernel: a pure function from
-`MergeInputs` to a float32 tensor. The recipe parser reads the data to refuse bad recipes before any
-download; the engine calls `Method.merge` once per output tensor.
+A method is data (its parameters, its input rules, its paper) plus one kernel: a function of a `Job`
+(one output tensor's inputs, reachable block by block) that makes the sweeps its whole-tensor
+quantities need and emits the merged float32 values. The recipe parser reads the data to refuse bad
+recipes before any download; the engine calls `Method.run` once per output tensor, over files;
+`Method.merge` runs the same kernel over tensors in memory.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from merger.errors import RecipeError
+from merger.methods.blocks import Job, Layout, slice_span
 
 Scope = Literal["shared", "input", "non_base"]
 BasePolicy = Literal["required", "optional", "ignored"]
@@ -115,7 +118,7 @@ class Param:
 
 @dataclass
 class MergeInputs:
-    """Everything a kernel sees for one output tensor.
+    """Whole input tensors in memory for one output tensor (the engine streams blocks instead).
 
     tensors: float32, same shape and device, one per input model in recipe order (base included);
     kernels never modify them. model_params[i]: the per-model values resolved for input i ("non_base"
@@ -140,41 +143,10 @@ class MergeInputs:
         if self.base_index is not None and not 0 <= self.base_index < len(self.tensors):
             raise ValueError("base_index is out of range")
 
-    @property
-    def base(self) -> torch.Tensor:
-        assert self.base_index is not None, "kernel called without a base; Method.merge checks this"
-        return self.tensors[self.base_index]
-
-    @property
-    def other_indices(self) -> list[int]:
-        return [i for i in range(len(self.tensors)) if i != self.base_index]
-
-    def values(self, name: str, indices: Sequence[int]) -> list[Any]:
-        """The per-model values of parameter `name` for the inputs at `indices`."""
-        return [self.model_params[i][name] for i in indices]
-
-    def buffer(self, key: str, shape: Sequence[int]) -> torch.Tensor:
-        """An uninitialised float32 tensor for a kernel's result or scratch, on the inputs' device.
-
-        The engine supplies a workspace that hands back the same memory for the same key on every
-        tensor (fresh allocations of this size cost more in page faults than the arithmetic); it
-        copies a result out of it before the next tensor. Without one, a new tensor.
-        """
-        if self.workspace is None:
-            return torch.empty(tuple(shape), dtype=torch.float32, device=self.tensors[0].device)
-        return self.workspace(key, tuple(shape))
-
-    def draw_uniform(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Uniform [0, 1) samples from the generator's own device, moved to `device`."""
-        if self.generator is None:
-            raise ValueError(f"a randomized method needs MergeInputs.generator (tensor {self.name})")
-        samples = torch.rand(shape, generator=self.generator, device=self.generator.device)
-        return samples.to(device)
-
 
 _SCOPES_OF_ROLE = {"shared": ("shared",), "model": ("input", "non_base"), "base": ("input",)}
 
-Kernel = Callable[[MergeInputs], torch.Tensor]
+Kernel = Callable[[Job], None]
 Constraint = Callable[[Mapping[str, Any]], "str | None"]
 
 
@@ -200,6 +172,8 @@ class Method:
     max_others: int | None = None
     randomized: bool = False
     constraint: Constraint | None = None
+    whole_rows: bool = False  # blocks never cut inside a row (per-row ranks need the whole row)
+    scratch: Callable[[int], float] = lambda n: 2.0  # float32 temporaries per entry of a block, n inputs
 
     @property
     def param_names(self) -> frozenset[str]:
@@ -232,31 +206,54 @@ class Method:
         """Why one model's values (its per-model values plus the shared ones) clash, or None."""
         return None if self.constraint is None else self.constraint(values)
 
-    def merge(self, inputs: MergeInputs) -> torch.Tensor:
-        """Check the inputs, fill defaults, coerce values, and run the kernel."""
+    def merge(self, inputs: MergeInputs, max_elements: int | None = None) -> torch.Tensor:
+        """Merge whole tensors in memory, cut into blocks of at most `max_elements` entries when given
+        (the result is the same bit for bit)."""
         where = f" (tensor {inputs.name})" if inputs.name else ""
-        base_index = inputs.base_index if self.base != "ignored" else None
-        problem = self.check_inputs(len(inputs.tensors), base_index is not None)
+        tensors = list(inputs.tensors)
+        first = tensors[0]
+        if any(t.shape != first.shape or t.device != first.device for t in tensors):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"inputs of {self.name}{where} differ in shape or device: {shapes}")
+        layout = Layout(first.shape)
+        spans = layout.spans(max_elements, self.whole_rows)
+        results: list[torch.Tensor] = []
+
+        def emit(span, values: torch.Tensor) -> None:
+            if len(spans) == 1:
+                results.append(values)
+                return
+            if not results:
+                results.append(torch.empty(first.shape, dtype=torch.float32, device=first.device))
+            slice_span(results[0], layout, span).copy_(values)
+
+        self.run(Job(first.shape, len(tensors), spans, lambda i, final: [slice_span(t, layout, spans[i]) for t in tensors],
+                     emit, base_index=inputs.base_index, model_params=[dict(v) for v in inputs.model_params],
+                     params=dict(inputs.params), name=inputs.name, generator=inputs.generator,
+                     device=first.device, workspace=inputs.workspace))
+        return results[0]
+
+    def run(self, job: Job) -> None:
+        """Check the inputs, fill defaults, coerce values, and run the kernel over the job's blocks."""
+        where = f" (tensor {job.name})" if job.name else ""
+        base_index = job.base_index if self.base != "ignored" else None
+        problem = self.check_inputs(job.n, base_index is not None)
         if problem:
             raise RecipeError(f"{problem}{where}")
-        first = inputs.tensors[0]
-        if any(t.shape != first.shape or t.device != first.device for t in inputs.tensors):
-            shapes = [tuple(t.shape) for t in inputs.tensors]
-            raise ValueError(f"inputs of {self.name}{where} differ in shape or device: {shapes}")
-        shared = self._resolve(inputs.params, "shared", where)
+        shared = self._resolve(job.params, "shared", where)
         model_params = [
             self._resolve(values, "base" if i == base_index else "model", where)
-            for i, values in enumerate(inputs.model_params)
+            for i, values in enumerate(job.model_params)
         ]
         if self.constraint is not None:
             for i, values in enumerate(model_params):
                 problem = self.constraint({**shared, **values}) if i != base_index else None
                 if problem:
                     raise RecipeError(f"{self.name}: {problem}{where}; adjust the recipe's parameters")
-        if self.randomized and inputs.generator is None:
+        if self.randomized and job.generator is None:
             raise ValueError(f"{self.name} is randomized and needs MergeInputs.generator")
-        resolved = replace(inputs, base_index=base_index, params=shared, model_params=model_params)
-        return self.kernel(resolved)
+        job.base_index, job.params, job.model_params = base_index, shared, model_params
+        self.kernel(job)
 
     def _resolve(self, given: Mapping[str, Any], role: str, where: str) -> dict[str, Any]:
         """Complete, typed values for one role: "shared", "model" (a non-base input) or "base"."""

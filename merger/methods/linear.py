@@ -5,28 +5,32 @@ from __future__ import annotations
 import torch
 
 from merger.errors import RecipeError
-from merger.methods.base import REQUIRED, Interval, MergeInputs, Method, Param
+from merger.methods.base import REQUIRED, Interval, Method, Param
+from merger.methods.blocks import Block, Job
 
 _ZERO_WEIGHT_SUM = 1e-8
 
 
-def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
+def _linear_kernel(job: Job) -> None:
     """Weighted average of the models ("model soups", https://arxiv.org/abs/2203.05482)."""
-    indices = range(len(inputs.tensors))
-    weights = inputs.values("weight", indices)
-    first = inputs.tensors[0]
-    merged = torch.mul(first, weights[0], out=inputs.buffer("result", first.shape))
-    for index in indices[1:]:
-        merged.add_(inputs.tensors[index], alpha=weights[index])
-    if inputs.params["normalize"]:
+    indices = range(job.n)
+    weights = job.values("weight", indices)
+    total = None
+    if job.params["normalize"]:
         total = float(torch.tensor(weights, dtype=torch.float32).sum())
         if abs(total) < _ZERO_WEIGHT_SUM:
             raise RecipeError(
-                f"linear weights of {inputs.name or 'a tensor'} sum to zero, so they cannot be "
+                f"linear weights of {job.name or 'a tensor'} sum to zero, so they cannot be "
                 "normalized; change the weights or set normalize: false"
             )
-        merged.div_(total)
-    return merged
+
+    def produce(block: Block) -> torch.Tensor:
+        merged = torch.mul(block.tensors[0], weights[0], out=block.buffer("result"))
+        for index in indices[1:]:
+            merged.add_(block.tensors[index], alpha=weights[index])
+        return merged if total is None else merged.div_(total)
+
+    job.emit(produce)
 
 
 LINEAR = Method(
@@ -40,20 +44,26 @@ LINEAR = Method(
     ),
     base="ignored",
     kernel=_linear_kernel,
+    scratch=lambda n: 1.0,
 )
 
 
-def _nearswap_kernel(inputs: MergeInputs) -> torch.Tensor:
+def _nearswap_kernel(job: Job) -> None:
     """NearSwap (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001).
 
     Move each base entry towards the other model by min(1, t / |base - other|): entries that are
     already close (within t) are swapped for the other model's, distant ones barely move.
     """
-    (other,) = inputs.other_indices
-    base = inputs.base
-    weight = torch.sub(base, inputs.tensors[other]).abs_().clamp_(min=1e-6)
-    weight.reciprocal_().mul_(inputs.params["t"]).clamp_(0, 1)
-    return torch.lerp(base, inputs.tensors[other], weight)
+    (other,) = job.other_indices
+    t = job.params["t"]
+
+    def produce(block: Block) -> torch.Tensor:
+        base = block.tensors[job.base_index]
+        weight = torch.sub(base, block.tensors[other]).abs_().clamp_(min=1e-6)
+        weight.reciprocal_().mul_(t).clamp_(0, 1)
+        return torch.lerp(base, block.tensors[other], weight)
+
+    job.emit(produce)
 
 
 NEARSWAP = Method(
@@ -67,16 +77,16 @@ NEARSWAP = Method(
     ),
     base="required",
     kernel=_nearswap_kernel,
+    scratch=lambda n: 2.0,
     min_models=2,
     max_models=2,
 )
 
 
-def _passthrough_kernel(inputs: MergeInputs) -> torch.Tensor:
+def _passthrough_kernel(job: Job) -> None:
     """Copy the single input, optionally scaled (used to stack layer slices)."""
-    scale = inputs.model_params[0]["scale"]
-    tensor = inputs.tensors[0]
-    return tensor.clone() if scale is None else tensor * scale
+    scale = job.model_params[0]["scale"]
+    job.emit(lambda block: block.tensors[0].clone() if scale is None else block.tensors[0] * scale)
 
 
 PASSTHROUGH = Method(
@@ -87,5 +97,6 @@ PASSTHROUGH = Method(
     params=(Param("scale", float, "input", None, doc="multiply the tensor by this"),),
     base="ignored",
     kernel=_passthrough_kernel,
+    scratch=lambda n: 1.0,
     max_models=1,
 )

@@ -5,62 +5,72 @@ from __future__ import annotations
 
 import torch
 
-from merger.methods.base import MergeInputs, Method, Param
-from merger.methods.reduce import CHUNK_ELEMENTS
+from merger.methods.base import Method, Param
+from merger.methods.blocks import Block, Job, Sums, vector_sums
 
 
-def _task_vector_gram(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
-    """Per row of the 2-D `base`, the float64 Gram matrix of the task vectors: [rows, k, k]."""
-    rows, columns = base.shape
-    k = len(models)
-    gram = torch.zeros((rows, k, k), dtype=torch.float64, device=base.device)
-    column_block = max(1, CHUNK_ELEMENTS // k)
-    row_block = max(1, CHUNK_ELEMENTS // (k * min(columns, column_block)))
-    for r0 in range(0, rows, row_block):
-        r1 = r0 + row_block
-        for c0 in range(0, columns, column_block):
-            c1 = c0 + column_block
-            vectors = torch.stack([m[r0:r1, c0:c1] - base[r0:r1, c0:c1] for m in models]).double()
-            gram[r0:r1] += torch.einsum("ibc,jbc->bij", vectors, vectors)
-    return gram
+def _pairs(k: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(k) for j in range(i, k)]
 
 
-def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
-    """The vectors that get one ratio each: rows along the last axis, or the whole tensor."""
-    return x.reshape(-1, x.shape[-1]) if filter_wise and x.dim() else x.reshape(1, -1)
+def stock_ratio(gram: dict[tuple[int, int], torch.Tensor], k: int) -> torch.Tensor:
+    """t = k cos / (1 + (k - 1) cos) from float64 Gram entries (any shape), as float32.
 
-
-def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
-    """w = t * mean(models) + (1 - t) * base, t = k cos / (1 + (k - 1) cos).
-
-    cos is the mean pairwise cosine between the k task vectors, over the whole tensor or, with
-    `filter_wise`, per row (last axis). Where 1 + (k - 1) cos vanishes there is no finite estimate
-    and the base is kept (t = 0).
+    cos is the mean pairwise cosine between the k task vectors. Where 1 + (k - 1) cos vanishes there
+    is no finite estimate and the base is kept (t = 0).
     """
-    shape = base.shape
-    base2d = _rows(base, filter_wise)
-    models2d = [_rows(m, filter_wise) for m in models]
-    gram = _task_vector_gram(base2d, models2d)
-    k = len(models)
-    norms = torch.diagonal(gram, dim1=1, dim2=2).sqrt()
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    cos = torch.stack(
-        [(gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
-    ).mean(dim=0)
+    norms = [gram[i, i].sqrt() for i in range(k)]
+    cos = torch.stack([
+        (gram[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for i in range(k) for j in range(i + 1, k)
+    ]).mean(dim=0)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < 1e-6
-    ratio = torch.where(singular, 0, k * cos / torch.where(singular, 1, denominator))
-    ratio = ratio.to(torch.float32).unsqueeze(-1)
-    mean = models2d[0].clone()
-    for m in models2d[1:]:
-        mean.add_(m)
-    mean.div_(k)
-    return mean.mul_(ratio).addcmul_(base2d, 1 - ratio).reshape(shape)
+    return torch.where(singular, 0, k * cos / torch.where(singular, 1, denominator)).to(torch.float32)
 
 
-def _model_stock_kernel(inputs: MergeInputs) -> torch.Tensor:
-    models = [inputs.tensors[i] for i in inputs.other_indices]
-    return model_stock(inputs.base, models, inputs.params["filter_wise"])
+def _model_stock_kernel(job: Job) -> None:
+    """w = t * mean(models) + (1 - t) * base, one t per tensor or, with `filter_wise`, per row (last axis)."""
+    base = job.base_index
+    models = job.other_indices
+    k = len(models)
+    pairs = _pairs(k)
+    filter_wise = job.params["filter_wise"] and len(job.shape) > 0
+    local = filter_wise and len(job.shape) > 2  # last-axis rows lie inside a block's dim-0 rows
+
+    def task_vectors(block: Block) -> list[torch.Tensor]:
+        return [block.tensors[m] - block.tensors[base] for m in models]
+
+    ratio = None
+    if not local:
+        sums = Sums(job, len(pairs), "row" if filter_wise else "total")
+
+        def visit(block: Block) -> None:
+            vectors = task_vectors(block)
+            for p, (i, j) in enumerate(pairs):
+                sums.add(block, p, vectors[i], vectors[j])
+
+        job.sweep(visit)
+        if filter_wise:
+            ratio = stock_ratio({pair: sums.rows(p) for p, pair in enumerate(pairs)}, k)
+        else:
+            ratio = stock_ratio({pair: torch.tensor(v, dtype=torch.float64) for pair, v in zip(pairs, sums.totals())}, k)
+
+    def produce(block: Block) -> torch.Tensor:
+        if local:
+            vectors = task_vectors(block)
+            t = stock_ratio({(i, j): vector_sums(vectors[i], vectors[j]) for i, j in pairs}, k).unsqueeze(-1)
+            del vectors
+        elif filter_wise:
+            t = block.per_row(ratio)
+        else:
+            t = ratio
+        mean = torch.clone(block.tensors[models[0]], memory_format=torch.contiguous_format)
+        for m in models[1:]:
+            mean.add_(block.tensors[m])
+        mean.div_(k)
+        return mean.mul_(t).addcmul_(block.tensors[base], 1 - t)
+
+    job.emit(produce)
 
 
 MODEL_STOCK = Method(
@@ -71,5 +81,6 @@ MODEL_STOCK = Method(
     params=(Param("filter_wise", bool, "shared", False, doc="one ratio per row instead of per tensor"),),
     base="required",
     kernel=_model_stock_kernel,
+    scratch=lambda n: n + 3.0,
     min_models=3,
 )

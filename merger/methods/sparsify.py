@@ -1,92 +1,26 @@
-"""Sparsification of one task vector (a model minus the base), in place on a buffer the caller owns.
+"""Sparsification of task vectors (a model minus the base), block by block.
 
 Four ways to choose the entries that survive, as in mergekit: the largest magnitudes (TIES), a
 magnitude window without the outliers (Model Breadcrumbs), a uniform random draw (DARE), and a
 draw whose keep-probability grows with the entry's magnitude rank in its row (DELLA). Optionally the
 survivors are rescaled so the vector keeps its L1 norm (mergekit's `rescale`; for DARE that is
-1/density in expectation).
+1/density in expectation). The k-th magnitude and the L1 norms are whole-tensor quantities: they come
+from exact reductions over sweeps of the blocks (see `blocks`), then every block is cut alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from merger.errors import RecipeError
+from merger.methods.blocks import Block, Cutoff, Job, Layout, Sums, slice_span, smallest_cutoffs
 
 Sparsifier = Literal["magnitude", "magnitude_outliers", "random", "della_magprune"]
-Uniform = Callable[[torch.Size, torch.device], torch.Tensor]
 
 _NORM_FLOOR = 1e-7  # below this L1 norm a rescale would only amplify noise (mergekit's guard)
-
-
-_SAMPLE = 65_536  # entries sampled to bracket the k-th value before the exact selection
-
-
-def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a 1-D tensor, exactly.
-
-    A full selection is single-threaded and dominates TIES on large tensors, so a fixed pseudo-random
-    sample first brackets the answer; the exact selection then runs only on the entries inside the
-    bracket. When the bracket misses (it cannot be wrong, only unlucky) the full selection runs.
-    """
-    n = flat.numel()
-    if n > 16 * _SAMPLE:
-        picks = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n + k)).to(flat.device)
-        sample = flat[picks]
-        q = k / n
-        margin = int(6 * (_SAMPLE * q * (1 - q)) ** 0.5) + 16
-        centre = int(q * _SAMPLE)
-        lo = torch.kthvalue(sample, max(1, centre - margin)).values
-        hi = torch.kthvalue(sample, min(_SAMPLE, centre + margin)).values
-        below = int(torch.count_nonzero(flat < lo))
-        if below < k:
-            band = flat[(flat >= lo) & (flat <= hi)]
-            if below + band.numel() >= k:
-                return torch.kthvalue(band, k - below).values
-    return torch.kthvalue(flat, k).values
-
-
-def smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the `k` smallest entries of `scores`.
-
-    Ties at the threshold go to the lower flat index, so the selection is one total order on every
-    device. Uses a selection (bracketed kthvalue), not a sort: linear time, no int64 index per element.
-    """
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    threshold = kth_smallest(flat, k)
-    mask = flat <= threshold
-    extra = int(torch.count_nonzero(mask)) - k
-    if extra > 0:  # more entries equal the threshold than fit: drop the ties with the highest indices
-        ties = torch.nonzero(flat == threshold).squeeze(1)
-        mask[ties[ties.numel() - extra:]] = False
-    return mask.reshape(scores.shape)
-
-
-def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the `density` fraction with the largest |delta| (at least one entry)."""
-    n = delta.numel()
-    k = max(1, int(density * n))
-    return ~smallest_mask(delta.abs(), n - k)
-
-
-def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the top `gamma` fraction by |delta|, then the smallest, keeping `density`.
-
-    When density + gamma > 1 fewer outliers are dropped so that `density` is still kept.
-    """
-    n = delta.numel()
-    kept = int(density * n)
-    dropped_low = max(0, n - kept - int(gamma * n))
-    magnitudes = delta.abs()
-    return smallest_mask(magnitudes, dropped_low + kept) & ~smallest_mask(magnitudes, dropped_low)
 
 
 def della_problem(density: float, epsilon: float) -> str | None:
@@ -99,14 +33,25 @@ def della_problem(density: float, epsilon: float) -> str | None:
     return None
 
 
-def _della_keep(delta: torch.Tensor, density: float, epsilon: float, uniform: Uniform) -> torch.Tensor:
+def _magnitude_ranks(n: int, density: float) -> list[int]:
+    """TIES trim: drop the n - k smallest |delta|, k = max(1, int(density * n))."""
+    return [n - max(1, int(density * n))]
+
+
+def _outlier_ranks(n: int, density: float, gamma: float) -> list[int]:
+    """Breadcrumbs: keep the window between the `dropped_low` smallest and the top `gamma` fraction;
+    when density + gamma > 1 fewer outliers are dropped so that `density` is still kept."""
+    kept = int(density * n)
+    dropped_low = max(0, n - kept - int(gamma * n))
+    return [dropped_low + kept, dropped_low]
+
+
+def _della_keep(block: Block, delta: torch.Tensor, density: float, epsilon: float, stream: int) -> torch.Tensor:
     """DELLA MagPrune: keep-probability density - epsilon + 2 * epsilon * (rank / (columns - 1)).
 
-    Ranks are by |delta| along dim 1 (a 1-D tensor is one row), ascending, ties by position.
+    Ranks are by |delta| along dim 1 (a 1-D tensor is one row), ascending, ties by position; blocks
+    hold whole rows for this method, so a block's ranks are the tensor's.
     """
-    problem = della_problem(density, epsilon)
-    if problem:
-        raise RecipeError(f"{problem}; lower epsilon")
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     columns = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1, stable=True)
@@ -118,45 +63,141 @@ def _della_keep(delta: torch.Tensor, density: float, epsilon: float, uniform: Un
         probs.div_(columns - 1).mul_(2).mul_(epsilon).add_(density - epsilon)
     else:
         probs.fill_(density)  # a single column has no rank spread (mergekit divides 0 by 0 here)
-    keep = uniform(rows.shape, delta.device) < probs
-    return keep.reshape(delta.shape)
+    return (block.uniform(stream).reshape(rows.shape) < probs).reshape(delta.shape)
 
 
-def sparsify_(
-    delta: torch.Tensor,
-    method: Sparsifier,
-    density: float,
-    *,
-    gamma: float = 0.0,
-    epsilon: float = 0.0,
-    rescale: bool = False,
-    uniform: Uniform | None = None,
-) -> torch.Tensor:
-    """Zero the dropped entries of `delta` in place (and rescale survivors to its L1 norm); return it.
+class TaskVectors:
+    """sparsify(model_i - base) for chosen inputs of a job, written block by block into a caller's buffer.
 
-    `uniform(shape, device)` supplies the random draws of "random" and "della_magprune".
+    `prepare()` makes the sweeps the sparsifier needs (two for a magnitude selection, one for the L1
+    norms of a rescale); `write(block, j, out)` then gives the j-th task vector's block.
     """
+
+    def __init__(self, job: Job, indices: Sequence[int], sparsifier: Sparsifier | None, *, rescale: bool,
+                 base_index: int | None = None) -> None:
+        self.job = job
+        self.indices = list(indices)
+        self.sparsifier = sparsifier
+        self.rescale = rescale
+        self.base_index = job.base_index if base_index is None else base_index
+        values = [job.model_params[i] for i in self.indices]
+        self.densities = [v.get("density", 1.0) for v in values]
+        self.gammas = [v.get("gamma", 0.0) for v in values]
+        self.epsilons = [v.get("epsilon", 0.0) for v in values]
+        self.active = [j for j, d in enumerate(self.densities)
+                       if sparsifier is not None and 0 < d < 1 and job.numel > 0]
+        self.stream = {j: s for s, j in enumerate(self.active)}  # random draws: one stream per active vector
+        self.cutoffs: dict[int, list[Cutoff]] = {}
+        self.factors = [1.0] * len(self.indices)
+        if sparsifier == "della_magprune":
+            for j in self.active:
+                problem = della_problem(self.densities[j], self.epsilons[j])
+                if problem:
+                    raise RecipeError(f"{problem}; lower epsilon")
+
+    def _raw(self, block: Block, j: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.sub(block.tensors[self.indices[j]], block.tensors[self.base_index], out=out)
+
+    def prepare(self) -> "TaskVectors":
+        n = self.job.numel
+        if self.sparsifier in ("magnitude", "magnitude_outliers") and self.active:
+            ks = [_magnitude_ranks(n, self.densities[j]) if self.sparsifier == "magnitude"
+                  else _outlier_ranks(n, self.densities[j], self.gammas[j]) for j in self.active]
+
+            def scores(block: Block, s: int) -> torch.Tensor:
+                return self._raw(block, self.active[s], block.buffer("delta")).abs_()
+
+            found = smallest_cutoffs(self.job, len(self.active), ks, scores)
+            self.cutoffs = dict(zip(self.active, found))
+        if self.rescale and self.active:
+            norms = Sums(self.job, 2 * len(self.active))
+
+            def visit(block: Block) -> None:
+                for s, j in enumerate(self.active):
+                    delta = self._raw(block, j, block.buffer("delta"))
+                    keep = self._keep(block, j, delta)
+                    norms.add(block, 2 * s, delta.abs_())
+                    norms.add(block, 2 * s + 1, delta.mul_(keep))
+                    # |delta| * keep = |delta * keep|: the second sum is the sparsified L1 norm
+
+            self.job.sweep(visit)
+            for s, j in enumerate(self.active):
+                before, after = norms.total(2 * s), norms.total(2 * s + 1)
+                if before >= _NORM_FLOOR and after >= _NORM_FLOOR:
+                    self.factors[j] = before / after
+        return self
+
+    def _keep(self, block: Block, j: int, delta: torch.Tensor) -> torch.Tensor:
+        density = self.densities[j]
+        if self.sparsifier == "magnitude":
+            return ~self.cutoffs[j][0].mask(block, delta.abs())
+        if self.sparsifier == "magnitude_outliers":
+            magnitudes = delta.abs()
+            window, low = self.cutoffs[j]
+            return window.mask(block, magnitudes) & ~low.mask(block, magnitudes)
+        if self.sparsifier == "random":
+            return block.uniform(self.stream[j]) < density
+        if self.sparsifier == "della_magprune":
+            return _della_keep(block, delta, density, self.epsilons[j], self.stream[j])
+        raise ValueError(f"unknown sparsification {self.sparsifier!r}")
+
+    def write(self, block: Block, j: int, out: torch.Tensor) -> torch.Tensor:
+        """The j-th sparsified task vector's values in `block`, written into `out`."""
+        delta = self._raw(block, j, out)
+        if self.sparsifier is not None and self.densities[j] <= 0:
+            return delta.zero_()
+        if j in self.stream:
+            delta.mul_(self._keep(block, j, delta))
+            if self.factors[j] != 1.0:
+                delta.mul_(self.factors[j])
+        return delta
+
+
+def _job_over(tensors: list[torch.Tensor], max_elements: int | None, whole_rows: bool = False,
+              generator: torch.Generator | None = None, model_params: Sequence[dict] = ()) -> tuple[Job, list]:
+    """A job over tensors in memory whose emitted blocks are collected into one result tensor."""
+    layout = Layout(tensors[0].shape)
+    spans = layout.spans(max_elements, whole_rows)
+    result = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+
+    def emit(span, values: torch.Tensor) -> None:
+        slice_span(result, layout, span).copy_(values)
+
+    job = Job(tensors[0].shape, len(tensors), spans, lambda i, final: [slice_span(t, layout, spans[i]) for t in tensors],
+              emit, model_params=model_params, generator=generator, device=tensors[0].device)
+    return job, [result]
+
+
+def sparsify_(delta: torch.Tensor, method: Sparsifier, density: float, *, gamma: float = 0.0,
+              epsilon: float = 0.0, rescale: bool = False, generator: torch.Generator | None = None,
+              max_elements: int | None = None) -> torch.Tensor:
+    """Zero the dropped entries of the task vector `delta` in place (and rescale the survivors to its
+    L1 norm); return it. The whole-tensor form of `TaskVectors`, cut into blocks of `max_elements`."""
     if density >= 1 or delta.numel() == 0:
         return delta
     if density <= 0:
         return delta.zero_()
-    l1_before = torch.linalg.vector_norm(delta, ord=1) if rescale else None
-    if method == "magnitude":
-        keep = _magnitude_keep(delta, density)
-    elif method == "magnitude_outliers":
-        keep = _outlier_keep(delta, density, gamma)
-    elif method == "random":
-        assert uniform is not None
-        keep = uniform(delta.shape, delta.device) < density
-    elif method == "della_magprune":
-        assert uniform is not None
-        keep = _della_keep(delta, density, epsilon, uniform)
-    else:
-        raise ValueError(f"unknown sparsification {method!r}")
-    delta.mul_(keep)
-    del keep
-    if l1_before is not None:
-        l1_after = torch.linalg.vector_norm(delta, ord=1)
-        if l1_before >= _NORM_FLOOR and l1_after >= _NORM_FLOOR:
-            delta.mul_(l1_before / l1_after)
-    return delta
+    zero = torch.zeros_like(delta)
+    job, (result,) = _job_over([delta, zero], max_elements, method == "della_magprune", generator,
+                               [{"density": density, "gamma": gamma, "epsilon": epsilon}, {}])
+    vectors = TaskVectors(job, [0], method, rescale=rescale, base_index=1).prepare()
+    job.emit(lambda block: vectors.write(block, 0, torch.empty(block.shape, device=delta.device)))
+    return delta.copy_(result)
+
+
+def smallest_mask(scores: torch.Tensor, k: int, max_elements: int | None = None) -> torch.Tensor:
+    """Mask of the `k` smallest entries of the non-negative `scores`, ties at the threshold going to
+    the lower flat index: an exact selection over blocks of `max_elements` entries."""
+    job, (result,) = _job_over([scores], max_elements)
+    cutoff = smallest_cutoffs(job, 1, [[k]], lambda block, s: block.tensors[0])[0][0]
+    job.emit(lambda block: cutoff.mask(block, block.tensors[0]).float())
+    return result.bool()
+
+
+def kth_smallest(scores: torch.Tensor, k: int, max_elements: int | None = None) -> float:
+    """The k-th smallest (1-based) of the non-negative `scores`, exactly, seen in blocks of `max_elements`."""
+    job, _ = _job_over([scores], max_elements)
+    cutoff = smallest_cutoffs(job, 1, [[k]], lambda block, s: block.tensors[0])[0][0]
+    if cutoff.threshold is None:
+        raise ValueError(f"k={k} is outside 1..{scores.numel()}")
+    return cutoff.threshold

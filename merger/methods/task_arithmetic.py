@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from merger.errors import RecipeError
-from merger.methods.base import REQUIRED, Interval, MergeInputs, Method, Param
-from merger.methods.reduce import dot64
-from merger.methods.sparsify import Sparsifier, della_problem, smallest_mask, sparsify_
+from merger.methods.base import REQUIRED, Interval, Method, Param
+from merger.methods.blocks import Block, Job, Sums, smallest_cutoffs
+from merger.methods.sparsify import Sparsifier, TaskVectors, della_problem
 
 _UNIT = Interval(0.0, 1.0)
 _INT8_MASK = Param(
@@ -38,51 +38,39 @@ _EPSILON = Param(
 _ZERO_WEIGHT_SUM = 1e-8  # mergekit's guard on the divisor of the non-consensus mean
 
 
-def _task_vector(inputs: MergeInputs, index: int, out: torch.Tensor, sparsifier: Sparsifier | None) -> None:
-    """Write sparsify(model - base) for input `index` into `out`."""
-    torch.sub(inputs.tensors[index], inputs.base, out=out)
-    if sparsifier is None:
-        return
-    values = inputs.model_params[index]
-    sparsify_(
-        out,
-        sparsifier,
-        values["density"],
-        gamma=values.get("gamma", 0.0),
-        epsilon=values.get("epsilon", 0.0),
-        rescale=inputs.params["rescale"],
-        uniform=inputs.draw_uniform,
-    )
-
-
-def _finish(inputs: MergeInputs, mixed: torch.Tensor) -> torch.Tensor:
+def _finish(job: Job, block: Block, mixed: torch.Tensor) -> torch.Tensor:
     """base + lambda * mixed, reusing `mixed`'s storage."""
-    if inputs.params["lambda"] != 1:
-        mixed.mul_(inputs.params["lambda"])
-    return mixed.add_(inputs.base)
+    if job.params["lambda"] != 1:
+        mixed.mul_(job.params["lambda"])
+    return mixed.add_(block.tensors[job.base_index])
 
 
-def _merge_independent(inputs: MergeInputs, sparsifier: Sparsifier | None) -> torch.Tensor:
+def _merge_independent(job: Job, sparsifier: Sparsifier | None) -> None:
     """No sign consensus: accumulate weight_i * delta_i one model at a time (one scratch tensor)."""
-    others = inputs.other_indices
-    weights = inputs.values("weight", others)
-    mixed = inputs.buffer("result", inputs.base.shape).zero_()
-    scratch = inputs.buffer("scratch", inputs.base.shape)
-    for index, weight in zip(others, weights):
-        _task_vector(inputs, index, scratch, sparsifier)
-        mixed.add_(scratch.mul_(weight))
-    del scratch
-    if inputs.params["normalize"]:
+    others = job.other_indices
+    weights = job.values("weight", others)
+    divisor = None
+    if job.params["normalize"]:
         divisor = float(torch.tensor(weights, dtype=torch.float32).sum())
         if abs(divisor) < _ZERO_WEIGHT_SUM:
             if any(weights):
                 raise RecipeError(
-                    f"the weights of {inputs.name or 'a tensor'} sum to zero and normalize is true; "
+                    f"the weights of {job.name or 'a tensor'} sum to zero and normalize is true; "
                     "change the weights or set normalize: false"
                 )
             divisor = 1.0
-        mixed.div_(divisor)
-    return _finish(inputs, mixed)
+    vectors = TaskVectors(job, others, sparsifier, rescale=job.params["rescale"]).prepare()
+
+    def produce(block: Block) -> torch.Tensor:
+        mixed = block.buffer("result").zero_()
+        scratch = block.buffer("scratch")
+        for j, weight in enumerate(weights):
+            mixed.add_(vectors.write(block, j, scratch).mul_(weight))
+        if divisor is not None:
+            mixed.div_(divisor)
+        return _finish(job, block, mixed)
+
+    job.emit(produce)
 
 
 def erase_disagreeing_(vectors: torch.Tensor) -> torch.Tensor:
@@ -108,22 +96,25 @@ def _agreeing_weight_(vectors: torch.Tensor, weights: list[float]) -> torch.Tens
     return total
 
 
-def _merge_with_consensus(inputs: MergeInputs, sparsifier: Sparsifier | None) -> torch.Tensor:
+def _merge_with_consensus(job: Job, sparsifier: Sparsifier | None) -> None:
     """TIES: weighted deltas of the elected sign, averaged over the weights that agree."""
-    others = inputs.other_indices
-    weights = inputs.values("weight", others)
-    base = inputs.base
-    deltas = inputs.buffer("deltas", (len(others), *base.shape))
-    for row, index in enumerate(others):
-        _task_vector(inputs, index, deltas[row], sparsifier)
-        deltas[row].mul_(weights[row])
-    erase_disagreeing_(deltas)
-    mixed = torch.sum(deltas, dim=0, out=inputs.buffer("result", base.shape))
-    divisor = _agreeing_weight_(deltas, weights) if inputs.params["normalize"] else None
-    del deltas
-    if divisor is not None:
-        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
-    return _finish(inputs, mixed)
+    others = job.other_indices
+    weights = job.values("weight", others)
+    vectors = TaskVectors(job, others, sparsifier, rescale=job.params["rescale"]).prepare()
+    normalize = job.params["normalize"]
+
+    def produce(block: Block) -> torch.Tensor:
+        deltas = block.buffer("deltas", (len(others), *block.shape))
+        for j, weight in enumerate(weights):
+            vectors.write(block, j, deltas[j]).mul_(weight)
+        erase_disagreeing_(deltas)
+        mixed = torch.sum(deltas, dim=0, out=block.buffer("result"))
+        if normalize:
+            divisor = _agreeing_weight_(deltas, weights)
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+        return _finish(job, block, mixed)
+
+    job.emit(produce)
 
 
 def _task_arithmetic_method(
@@ -145,10 +136,11 @@ def _task_arithmetic_method(
         params.append(_EPSILON)
     merge = _merge_with_consensus if consensus else _merge_independent
 
-    def kernel(inputs: MergeInputs) -> torch.Tensor:
-        if not inputs.other_indices:
-            return inputs.base.clone()
-        return merge(inputs, sparsifier)
+    def kernel(job: Job) -> None:
+        if not job.other_indices:
+            job.emit(lambda block: block.tensors[job.base_index].clone())
+            return
+        merge(job, sparsifier)
 
     return Method(
         name=name,
@@ -161,6 +153,8 @@ def _task_arithmetic_method(
         kernel=kernel,
         randomized=sparsifier in ("random", "della_magprune"),
         constraint=_della_constraint if sparsifier == "della_magprune" else None,
+        whole_rows=sparsifier == "della_magprune",
+        scratch=(lambda n: n + 4.0) if consensus else (lambda n: 6.0),
     )
 
 
@@ -189,36 +183,67 @@ TASK_ARITHMETIC_METHODS = (
 )
 
 
-def _sce_kernel(inputs: MergeInputs) -> torch.Tensor:
+def _sce_kernel(job: Job) -> None:
     """SCE (https://arxiv.org/abs/2408.07990): Select, Calculate, Erase.
 
     Select the `select_topk` fraction of entries with the largest variance across task vectors,
     weight each task vector by its mean square (normalised to sum 1), erase the entries that
     disagree with the elected sign, and average over the weights that remain.
     """
-    others = inputs.other_indices
-    base = inputs.base
+    others = job.other_indices
+    base = job.base_index
     if not others:
-        return base.clone()
-    vectors = base.new_empty((len(others), *base.shape))
-    for row, index in enumerate(others):
-        torch.sub(inputs.tensors[index], base, out=vectors[row])
-    select = inputs.params["select_topk"]
+        job.emit(lambda block: block.tensors[base].clone())
+        return
+
+    def task_vectors(block: Block) -> torch.Tensor:
+        vectors = block.buffer("vectors", (len(others), *block.shape))
+        for row, index in enumerate(others):
+            torch.sub(block.tensors[index], block.tensors[base], out=vectors[row])
+        return vectors
+
+    def variance(block: Block, stream: int = 0) -> torch.Tensor:
+        return torch.var(task_vectors(block), dim=0, unbiased=False)
+
+    select = job.params["select_topk"]
+    cutoff = None
     if select < 1:
-        variance = torch.var(vectors, dim=0, unbiased=False)
-        kept = int(int(torch.count_nonzero(variance)) * select)
-        vectors.mul_(~smallest_mask(variance, variance.numel() - kept))
-        del variance
-    mean_squares = [dot64(v, v) / v.numel() for v in vectors]
+        nonzero = [0]
+
+        def count_nonzero(block: Block) -> None:
+            nonzero[0] += int(torch.count_nonzero(variance(block)))
+
+        def drop() -> list[list[int]]:
+            return [[job.numel - int(nonzero[0] * select)]]
+
+        cutoff = smallest_cutoffs(job, 1, drop, variance, also=count_nonzero)[0][0]
+
+    def selected(block: Block) -> torch.Tensor:
+        vectors = task_vectors(block)
+        if cutoff is not None:
+            vectors.mul_(~cutoff.mask(block, torch.var(vectors, dim=0, unbiased=False)))
+        return vectors
+
+    squares = Sums(job, len(others))
+
+    def visit(block: Block) -> None:
+        for row, vector in enumerate(selected(block)):
+            squares.add(block, row, vector, vector)
+
+    job.sweep(visit)
+    mean_squares = [v / job.numel for v in squares.totals()]
     total = sum(mean_squares)
     weights = [1 / len(others)] * len(others) if abs(total) < 1e-6 else [m / total for m in mean_squares]
-    erase_disagreeing_(vectors)
-    merged = torch.zeros_like(base)
-    for row, weight in zip(vectors, weights):
-        merged.add_(row, alpha=weight)
-    divisor = _agreeing_weight_(vectors, weights)
-    del vectors
-    return merged.div_(divisor.clamp_(min=1e-6)).add_(base)
+
+    def produce(block: Block) -> torch.Tensor:
+        vectors = erase_disagreeing_(selected(block))
+        merged = block.buffer("result").zero_()
+        for row, weight in zip(vectors, weights):
+            merged.add_(row, alpha=weight)
+        divisor = _agreeing_weight_(vectors, weights)
+        return merged.div_(divisor.clamp_(min=1e-6)).add_(block.tensors[base])
+
+    job.emit(produce)
 
 
 SCE = Method(
@@ -233,4 +258,5 @@ SCE = Method(
     ),
     base="required",
     kernel=_sce_kernel,
+    scratch=lambda n: n + 4.0,
 )
