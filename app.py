@@ -17,7 +17,7 @@ folder that is removed after the push.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Iterator
 
 from merger.app import demo
 from merger.app.demo import Settings
@@ -202,12 +202,13 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
     return app
 
 
-def main() -> None:
+def main(**launch: Any) -> None:
+    """Serve the app; `launch` adds or overrides gradio launch() options (the Space test serves HTTPS)."""
     settings = demo.settings_from_env()
     app = build_app(settings)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=settings.host, server_port=settings.port, ssr_mode=False, css=CSS,
-               footer_links=["gradio"])
+    app.launch(**{"server_name": settings.host, "server_port": settings.port, "ssr_mode": False, "css": CSS,
+                  "footer_links": ["gradio"], **launch})
 
 
 if __name__ == "__main__":
