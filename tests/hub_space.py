@@ -94,6 +94,7 @@ class SpaceHub(HubServer):
         self.space_infos: dict[str, SpaceInfo] = {}
         self.issued: list[OAuthAccess] = []
         self.payment_required: set[str] = set()  # users whose new Spaces the Hub refuses with 402
+        self.created_with: dict[str, Token] = {}  # repo id -> the token that created it
         self._codes: dict[str, _Code] = {}
         self._sessions: dict[str, str] = {}  # hub sign-in cookie -> user
         self._key = RSAKey.generate_key(2048, parameters={"kid": "local-hub", "use": "sig", "alg": "RS256"})
@@ -232,6 +233,9 @@ class _SpaceHandler(_Handler):
             raise _HubError(403, "This OAuth app was not granted the manage-repos scope")
         if payload.get("type") != "space":
             super().create(body)
+            namespace = payload.get("organization") or (token.user if token else None)
+            if token is not None and f"{namespace}/{payload.get('name')}" in self.hub.repos:
+                self.hub.created_with.setdefault(f"{namespace}/{payload.get('name')}", token)
             return
         namespace = payload.get("organization") or (token.user if token else None)
         repo_id = f"{namespace}/{payload.get('name')}"

@@ -154,6 +154,7 @@ def test_sign_in_check_merge_publish_and_users_kept_apart(browser, space: dict) 
     result = alice.locator("#result").inner_text()
     assert f"{hub.url}/alice/gated-chat-slerp" in result and "Files in" not in result
     assert {"model.safetensors", "mergekit_config.yml", "README.md"} <= set(hub.repo_files("alice/gated-chat-slerp"))
+    assert hub.created_with["alice/gated-chat-slerp"] == hub.tokens[token]  # her own OAuth token made it
     alice.screenshot(path=str(ARTIFACTS / "space-alice-published.png"), full_page=True)
     # Nothing of hers is left on the Space's disk: no job folder, no downloaded parent.
     assert list((space["root"] / "jobs").iterdir()) == []
@@ -183,6 +184,7 @@ def test_sign_in_check_merge_publish_and_users_kept_apart(browser, space: dict) 
     # The one traceback allowed: gradio starts its Spaces hot-reload watcher on any Space, and that thread
     # stops at once without the `spaces` package (preinstalled on Gradio-SDK Spaces); the app is unaffected.
     assert log.count("Traceback") == log.count("`spaces` package is required to run hot-reloading in Spaces")
+    assert not any(t in log for t in hub.tokens_of("alice") + hub.tokens_of("bob"))  # no token is ever logged
     bob_ctx.close()
     alice_ctx.close()
 
