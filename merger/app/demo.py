@@ -138,7 +138,10 @@ def _layer_count(model: str, token: str | None) -> int:
     else:  # through merger.hub, which asks the Hub for this user's access before any cached file is used
         from ..hub import read_text, resolve
 
-        config = json.loads(read_text(resolve(ref, token=token), "config.json", token=token))
+        try:
+            config = json.loads(read_text(resolve(ref, token=token), "config.json", token=token))
+        except json.JSONDecodeError:
+            raise RecipeError(f"{ref}'s config.json is not valid JSON; write the slices' layer_range by hand") from None
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
             return config[key]
@@ -358,12 +361,13 @@ def ensure_signed_in(token: str | None, expires_at: float | None, *, now: float 
     try:
         HfApi(endpoint=hub_endpoint()).whoami(token=token)
     except HfHubHTTPError as e:
-        if e.response is not None and e.response.status_code == 401:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
             raise HubError(EXPIRED) from None
-        raise HubError(f"could not ask the Hub who you are (HTTP {e.response.status_code if e.response is not None else '?'});"
-                       " retry in a minute") from None
+        raise HubError(f"could not ask the Hub who you are (HTTP {status}); retry in a minute") from None
     except Exception as e:  # network: one line, never the token
-        raise HubError(f"could not reach the Hub to check your sign-in ({type(e).__name__}); retry in a minute") from None
+        raise HubError(f"could not reach the Hub to check your sign-in ({type(e).__name__}); retry in a minute"
+                       ) from None
 
 
 def check_report(settings: Settings, text: str, quants: Sequence[str], token: str | None) -> CheckReport:

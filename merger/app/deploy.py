@@ -1,10 +1,11 @@
 """Create or update the Space from this checkout: `make deploy SPACE=owner/name [CARD=space/README.md]`.
 
 The Space repository receives the project's files (those git tracks or would track: `git ls-files
---cached --others --exclude-standard`, as they are in the working tree) with the chosen Space card as its README.md (the repository's own README.md is the developer
-set-up, not a Space card). The card's front matter says which SDK the Space runs (`sdk: docker` for
-space/README.md); another card, such as a Gradio-SDK one for ZeroGPU, deploys the same way. Files that
-are no longer in the project are removed from the Space in the same commit.
+--cached --others --exclude-standard`, as they are in the working tree) with the chosen Space card as
+its README.md (the repository's own README.md is the developer set-up, not a Space card). The card's
+front matter says which SDK the Space runs (`sdk: docker` for space/README.md); another card, such as a
+Gradio-SDK one for ZeroGPU, deploys the same way. Files that are no longer in the project are removed
+from the Space in the same commit.
 
 Everything goes through huggingface_hub (HF_ENDPOINT honoured): `create_repo(repo_type="space",
 space_sdk=..., exist_ok=True)`, then one `upload_folder` commit. The token is --token, else HF_TOKEN, else
@@ -99,9 +100,9 @@ def deploy(space_id: str, *, card: Path | None = None, root: Path = REPO_ROOT, t
             403: f"your token may not create or write Spaces under '{space_id.split('/')[0]}'; use a write token",
         }
         raise HubError(f"could not deploy {space_id}: " + hints.get(status, f"HTTP {status} from the Hub")) from None
-    except (OSError, ValueError, httpx2.HTTPError) as e:  # network down, or metadata the Hub refused: one line, no traceback
-        raise HubError(f"could not deploy {space_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                       ) from None
+    except (OSError, ValueError, httpx2.HTTPError) as e:  # network down, or metadata the Hub refused
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise HubError(f"could not deploy {space_id}: {type(e).__name__}: {first}") from None
     return web
 
 
