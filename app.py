@@ -23,6 +23,7 @@ from merger.app import demo
 from merger.app.demo import Settings
 
 demo.quiet_environment()  # before gradio and huggingface_hub are imported
+demo.space_environment()
 
 import gradio as gr  # noqa: E402
 

@@ -145,6 +145,18 @@ def test_gradio_sees_a_space_only_with_the_images_environment(monkeypatch: pytes
     assert settings.space and settings.host == "0.0.0.0" and settings.port == 7860
 
 
+def test_the_app_makes_gradio_see_the_space_whatever_the_image() -> None:
+    env = {"SPACE_ID": "alice/llm-merger"}
+    demo.space_environment(env)
+    assert env["SYSTEM"] == "spaces"
+    local: dict[str, str] = {}
+    demo.space_environment(local)
+    assert local == {}  # off a Space gradio keeps its local (mocked) sign-in
+    other = {"SPACE_ID": "alice/llm-merger", "SYSTEM": "something-else"}
+    demo.space_environment(other)
+    assert other["SYSTEM"] == "something-else"  # an explicit setting is left alone
+
+
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", "outputs", "demo_models", ".git", "tests/artifacts"):

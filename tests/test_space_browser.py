@@ -23,8 +23,10 @@ import pytest
 
 from tests.hub_space import SpaceHub, card_front_matter, granted
 from tests.test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _set_quants, _wait_status
+from tests.test_space import dockerfile_stages, env_of
 
 ROOT = Path(__file__).resolve().parents[1]
+IMAGE_ENV = env_of(dockerfile_stages((ROOT / "Dockerfile").read_text())[-1])  # what the image sets
 SPACE_ID = "alice/llm-merger"
 MODELS = "meta/gated-base\nacme/chat"
 
@@ -57,7 +59,7 @@ def space(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> It
         (root / "jobs").mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "OAUTH_", "GRADIO_"))}
         env.update({
-            "SPACE_ID": SPACE_ID, "SPACE_HOST": f"127.0.0.1:{port}", "SYSTEM": "spaces",
+            "SPACE_ID": SPACE_ID, "SPACE_HOST": f"127.0.0.1:{port}", "SYSTEM": IMAGE_ENV["SYSTEM"],
             "OAUTH_CLIENT_ID": "space-client", "OAUTH_CLIENT_SECRET": secret, "OAUTH_SCOPES": granted(scopes),
             "OPENID_PROVIDER_URL": hub.url, "PORT": str(port),
             "HF_ENDPOINT": hub.url, "HF_HOME": str(root / "hf"), "HF_HUB_DISABLE_XET": "1",

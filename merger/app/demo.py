@@ -81,6 +81,14 @@ def quiet_environment(environ: dict[str, str] | None = None) -> None:
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
+def space_environment(environ: dict[str, str] | None = None) -> None:
+    """With SPACE_ID set (a Space), make gradio agree: it serves the real sign-in only with SYSTEM=spaces,
+    which Docker Spaces do not set (the Dockerfile does; this covers any other image). Before importing gradio."""
+    env = os.environ if environ is None else environ
+    if env.get("SPACE_ID") and not env.get("SYSTEM"):
+        env["SYSTEM"] = "spaces"
+
+
 def ensure_demo_models(folder: Path) -> dict[str, Path]:
     """The demo models, generated on first use (deterministic, so a rerun rewrites identical bytes)."""
     from .tiny import make_tiny_model
