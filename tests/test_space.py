@@ -18,7 +18,7 @@ import yaml
 from merger import hub as mhub
 from merger.app import demo
 from merger.app.deploy import card_sdk, deploy, main as deploy_main
-from merger.app.runs import DONE, FAILED, RunQueue
+from merger.app.runs import DONE, RunQueue
 from merger.check import ERROR, GGUF_BITS, Estimates
 from merger.disk import SPACE_DISKS, disk_problem
 from merger.errors import HubError, MergerError, ModelError
