@@ -12,7 +12,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test bench clean
+.PHONY: run test bench deploy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: $(TEST_STAMP) $(CONVERTER)
 
 bench: $(TEST_STAMP) $(CONVERTER)
 	$(PY) bench/merge.py
+
+# Create or update a Space: make deploy SPACE=owner/name [CARD=space/README.md] (token: HF_TOKEN or `hf auth login`).
+CARD ?= space/README.md
+deploy: $(RUN_STAMP)
+	@test -n "$(SPACE)" || { echo "usage: make deploy SPACE=owner/name [CARD=space/README.md]" >&2; exit 2; }
+	$(PY) -m merger.app.deploy $(SPACE) --card $(CARD)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs demo_models

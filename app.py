@@ -17,21 +17,20 @@ folder that is removed after the push.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Iterator
 
 from merger.app import demo
 from merger.app.demo import Settings
 
 demo.quiet_environment()  # before gradio and huggingface_hub are imported
+demo.space_environment()
 
 import gradio as gr  # noqa: E402
 
-from merger import pipeline  # noqa: E402
 from merger.errors import MergerError  # noqa: E402
 from merger.app.gallery import gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
 from merger.app.runs import RunQueue  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
-from merger.recipe import parse_recipe  # noqa: E402
 
 CSS = """
 .merge-progress progress { width: 100%; height: 14px; }
@@ -104,8 +103,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
     def check(text: str, quants: list[str], oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
         """Pre-flight check: configs and headers only, so it answers in seconds."""
         try:
-            recipe = parse_recipe(text, allow_local=allow_local)
-            report = pipeline.check(recipe, token=_token(settings, oauth_token), gguf=tuple(quants or ()))
+            report = demo.check_report(settings, text, quants or (), _token(settings, oauth_token))
         except Exception as e:  # one line for the user either way; a bug also goes to the server log
             if not isinstance(e, MergerError):
                 logging.getLogger("merger.app").exception("check failed")
@@ -123,12 +121,14 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         job = jobs.get(job_id) or jobs.new_job()
         try:
             request = demo.job_request(settings, text, repo_name, private=private, publish=publish,
-                                       quants=quants or (), token=_token(settings, oauth_token), job_id=job.job_id)
+                                       quants=quants or (), token=_token(settings, oauth_token), job_id=job.job_id,
+                                       expires_at=oauth_token.expires_at if oauth_token else None)
         except MergerError as e:
             job.cancel()
             yield "", "", demo.render_error(e), ""
             return
-        job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep)
+        job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep,
+                  cache_dir=request.cache_dir)
         for snap in demo.follow(job):
             card = demo.card_markdown(snap.outcome.card) if snap.outcome else ""
             yield demo.render_progress(snap), demo.render_log(snap), demo.render_outcome(snap), card
@@ -141,7 +141,8 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         job_id = gr.State("")
         with gr.Row():
             gr.Markdown(f"# {TITLE}\n" + (
-                "Sign in to use your own Hugging Face account for downloads and publishing."
+                "Sign in to use your own Hugging Face account for downloads and publishing. To publish into "
+                "an organisation, tick it on the consent screen when you sign in."
                 if settings.space else
                 "**Local mode**: works offline with the demo models; results go to `outputs/`. "
                 "Publishing uses the token in `HF_TOKEN`."))
@@ -202,12 +203,13 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
     return app
 
 
-def main() -> None:
+def main(**launch: Any) -> None:
+    """Serve the app; `launch` adds or overrides gradio launch() options (the Space test serves HTTPS)."""
     settings = demo.settings_from_env()
     app = build_app(settings)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=settings.host, server_port=settings.port, ssr_mode=False, css=CSS,
-               footer_links=["gradio"])
+    app.launch(**{"server_name": settings.host, "server_port": settings.port, "ssr_mode": False, "css": CSS,
+                  "footer_links": ["gradio"], **launch})
 
 
 if __name__ == "__main__":

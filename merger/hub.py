@@ -17,9 +17,11 @@ import re
 import shutil
 import struct
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import httpx2
 from huggingface_hub import (
@@ -70,8 +72,29 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+_JOB_CACHE: ContextVar[Path | None] = ContextVar("merger_hub_job_cache", default=None)
+
+
+@contextmanager
+def job_cache(folder: str | Path) -> Iterator[Path]:
+    """Within this block (in this thread), downloads go to `folder`, a cache one job owns and removes.
+
+    On a Space each job downloads into its own folder: nothing one user fetched is ever read by another
+    job (a read pinned to a commit sha is served from a shared cache without asking the Hub), and the
+    disk holds no parents once the job is over.
+    """
+    reset = _JOB_CACHE.set(Path(folder))
+    try:
+        yield Path(folder)
+    finally:
+        _JOB_CACHE.reset(reset)
+
+
 def hub_cache_dir() -> Path:
-    """The shared download cache in effect now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    """The download cache in effect now: the job's own (job_cache), else HF_HUB_CACHE, else HF_HOME/hub."""
+    own = _JOB_CACHE.get()
+    if own is not None:
+        return own
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
@@ -129,6 +152,8 @@ def resolve(ref: ModelRef | str, *, token: str | None = None) -> RemoteModel:
     api = _api(token)
     info = _call(lambda: api.model_info(ref.repo, revision=ref.revision, files_metadata=True),
                  repo_id=ref.repo, token=token, revision=ref.revision)
+    if info.gated:  # the Hub lists a gated repo to anyone: ask whether *this* token may read its files
+        _call(lambda: api.auth_check(ref.repo), repo_id=ref.repo, token=token, revision=ref.revision)
     card = info.card_data
     return RemoteModel(
         repo_id=ref.repo, requested=ref.revision, sha=str(info.sha),
@@ -191,6 +216,13 @@ def download(model: RemoteModel, *, token: str | None = None, allow_bin: bool = 
     return Path(folder)
 
 
+def cached_bytes(ref: ModelRef | str, *, token: str | None = None) -> int:
+    """Bytes of the model's weight files already in the cache in effect (they need no download)."""
+    model = resolve(ref, token=token)
+    cache = hub_cache_dir()
+    return sum(model.files.get(n, 0) for n in _weight_files(model, token, allow_bin=True) if _cached(model, n, cache))
+
+
 def fetch_model(ref: ModelRef | str, *, token: str | None = None, allow_bin: bool = False,
                 progress: Progress | None = None) -> tuple[RemoteModel, Path]:
     """resolve() then download(): the pinned model and its local snapshot folder."""
@@ -249,7 +281,10 @@ def check_write_access(repo_id: str, *, token: str | None) -> str:
     org = next((o for o in who.get("orgs", []) if o.get("name") == namespace), None)
     if org is None:
         raise HubError(f"you are signed in as '{user}', who cannot publish under '{namespace}' (neither your "
-                       f"account nor one of your organisations); publish as '{user}/{repo_id.split('/')[1]}'")
+                       f"account nor one of your organisations this sign-in may use); publish as "
+                       f"'{user}/{repo_id.split('/')[1]}', or, if you belong to '{namespace}', sign out and sign in "
+                       f"again ticking '{namespace}' on the consent screen (with a token: give it access to "
+                       f"'{namespace}')")
     if org.get("roleInOrg") not in WRITE_ROLES:
         raise HubError(f"your role in '{namespace}' is '{org.get('roleInOrg')}', which cannot create "
                        f"repositories; ask an admin of '{namespace}' for write access or publish under '{user}/'")

@@ -207,18 +207,37 @@ VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the C
 
 
 def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
-          max_memory: int | None = None):
-    """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights."""
+          max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False):
+    """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights.
+
+    With `out_dir`, the disk estimate is also compared with the free space where the output and the
+    download cache will be (an error when it does not fit)."""
     from .check import check_recipe
 
-    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
-                        max_memory=max_memory)
+    report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
+                          max_memory=max_memory)
+    if out_dir is not None and report.estimates is not None:
+        from .disk import disk_problem
+        from .hub import cached_bytes, hub_cache_dir
+
+        def cached() -> int:
+            try:
+                return sum(cached_bytes(ref, token=token) for ref in recipe.referenced_models() if not ref.local)
+            except MergerError:  # the cache cannot be credited: judge by the whole download
+                return 0
+
+        problem = disk_problem(report.estimates, out_dir=out_dir, cache_dir=hub_cache_dir(), cached=cached,
+                               on_space=on_space)
+        if problem is not None:
+            report.problems.append(problem)
+    return report
 
 
 def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
     report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
-                   max_memory=options.max_memory)
+                   max_memory=options.max_memory, out_dir=options.out_dir,
+                   on_space=not options.allow_local)  # Hub models only: a Space
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""

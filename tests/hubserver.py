@@ -33,7 +33,8 @@ import pytest
 import yaml
 
 KINDS = ("whoami", "create", "delete", "info", "tree", "paths_info", "resolve_head", "resolve_get",
-         "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search")
+         "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search",
+         "auth_check")
 FAULTS = ("unauthorized", "forbidden", "gated", "repo_not_found", "entry_not_found", "revision_not_found",
           "conflict", "rate_limit", "server_error", "drop", "bad_request", "legal")
 WRITE_ROLES = ("admin", "write", "contributor")
@@ -215,13 +216,17 @@ class HubServer:
         return f"http://{host}:{port}"
 
     def start(self) -> "HubServer":
-        handler = type("Handler", (_Handler,), {"hub": self})
+        handler = type("Handler", (self._handler_class(),), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hubserver",
                                         daemon=True)
         self._thread.start()
         return self
+
+    def _handler_class(self) -> type["_Handler"]:
+        """The request handler; a subclass of HubServer may extend it with endpoints of its own."""
+        return _Handler
 
     def stop(self) -> None:
         if self._httpd is not None:
@@ -550,7 +555,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = parse_qs(split.query)
         try:
             body = self._body() if method in ("POST", "PUT", "DELETE") else b""
-            route = _route(method, split.path)
+            route = self._find_route(method, split.path)
             if route is None:
                 self._json({"error": f"no route {method} {split.path}"}, 404)
                 return
@@ -563,6 +568,9 @@ class _Handler(BaseHTTPRequestHandler):
             getattr(self, handler)(body=body, **params)
         except _HubError as e:
             self._error(e)
+
+    def _find_route(self, method: str, path: str) -> tuple[str, str, dict[str, str]] | None:
+        return _route(method, path)
 
     def _fault(self, fault: Fault, kind: str, params: Mapping[str, str]) -> None:
         name = params.get("repo") or "the repository"
@@ -734,6 +742,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.stats.served(repo, path, start, end)
         self._send(status, blob.data[start:end], headers, "application/octet-stream")
 
+    def auth_check(self, body: bytes, repo: str) -> None:
+        """HfApi.auth_check: 200 when the token may read the repo's files (gate included), else the Hub's error."""
+        token = self._token()
+        self.hub._check_gate(self.hub._repo_for_read(repo, token), token)
+        self._json({})
+
     def preupload(self, body: bytes, repo: str, rev: str) -> None:
         token = self._token()
         hub_repo = self.hub._repo_for_read(repo, token)
@@ -868,6 +882,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
     ("GET", re.compile(rf"^/api/models/{_REPO}/revision/(?P<rev>[^/]+)$"), "info"),
+    ("GET", re.compile(rf"^/api/models/{_REPO}/auth-check$"), "auth_check"),
     ("GET", re.compile(rf"^/api/models/{_REPO}$"), "info"),
     ("POST", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$"), "lfs_batch"),
     ("POST", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/verify$"), "lfs_verify"),

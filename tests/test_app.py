@@ -264,7 +264,7 @@ def test_space_mode_refuses_local_paths(tmp_path: Path, demo_models: list[str]) 
     assert demo.resolve_token(local_settings(tmp_path), None, {"HF_TOKEN": "hf_mine"}) == "hf_mine"
 
 
-def test_space_job_runs_in_its_own_temp_folder(tmp_path: Path) -> None:
+def test_space_job_runs_in_its_own_temp_folder(tmp_path: Path, hub: HubServer) -> None:
     hub_text = demo.starting_recipe([HUB_A, HUB_B], "slerp")
     request = demo.job_request(space_settings(tmp_path), hub_text, "alice/x", private=True, publish=True,
                                quants=("Q4_K_M",), token="hf_alice_write", job_id="j1")
@@ -438,32 +438,6 @@ def test_space_card_front_matter() -> None:
     text = (ROOT / "space" / "README.md").read_text()
     front = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL).group(1))
     assert front["sdk"] == "docker" and front["app_port"] == 7860 and front["hf_oauth"] is True
-    assert set(front["hf_oauth_scopes"]) == {"read-repos", "write-repos", "manage-repos"}
+    assert set(front["hf_oauth_scopes"]) == {"read-repos", "gated-repos", "write-repos", "manage-repos", "jobs"}
     assert front["suggested_hardware"] in {"t4-small", "t4-medium", "l4x1", "a10g-small"}
     assert "README.md" in text.split("---", 2)[2] and "deploy" in text.lower()
-
-
-def test_dockerfile_essentials() -> None:
-    lines = []
-    for raw in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
-        if raw.strip() and not raw.lstrip().startswith("#"):
-            lines.append(raw.strip())
-    instructions = [line.split(None, 1) for line in lines]
-    kinds = [i[0].upper() for i in instructions]
-    froms = [arg for kind, arg in instructions if kind.upper() == "FROM"]
-    assert re.match(r"nvidia/cuda:12\.\d+(\.\d+)?-.*devel", froms[0])
-    runs = " ".join(arg for kind, arg in instructions if kind.upper() == "RUN")
-    torch_pin = re.search(r"torch==([\d.]+)", (ROOT / "requirements.txt").read_text()).group(1)
-    assert f"torch=={torch_pin}" in runs and "download.pytorch.org/whl/cu12" in runs
-    assert "-DGGML_CUDA=on" in " ".join(lines) and "llama-cpp-python" in runs
-    assert "useradd" in runs and "-u 1000" in runs
-    users = [arg for kind, arg in instructions if kind.upper() == "USER"]
-    assert users and users[-1] in ("user", "1000")
-    envs = " ".join(arg for kind, arg in instructions if kind.upper() == "ENV")
-    assert "HOME=/home/user" in envs and "GRADIO_ANALYTICS_ENABLED=False" in envs
-    assert "HF_HUB_DISABLE_TELEMETRY=1" in envs
-    assert "7860" in [arg for kind, arg in instructions if kind.upper() == "EXPOSE"]
-    assert instructions[-1][0].upper() == "CMD" and "app.py" in instructions[-1][1]
-    assert kinds.index("USER") < len(kinds) - 1
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", "outputs", "demo_models", "tests/artifacts"} <= {p.strip("/") for p in ignored}

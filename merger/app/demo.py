@@ -12,6 +12,7 @@ import html
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -80,6 +81,14 @@ def quiet_environment(environ: dict[str, str] | None = None) -> None:
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
+def space_environment(environ: dict[str, str] | None = None) -> None:
+    """With SPACE_ID set (a Space), make gradio agree: it serves the real sign-in only with SYSTEM=spaces,
+    which Docker Spaces do not set (the Dockerfile does; this covers any other image). Before importing gradio."""
+    env = os.environ if environ is None else environ
+    if env.get("SPACE_ID") and not env.get("SYSTEM"):
+        env["SYSTEM"] = "spaces"
+
+
 def ensure_demo_models(folder: Path) -> dict[str, Path]:
     """The demo models, generated on first use (deterministic, so a rerun rewrites identical bytes)."""
     from .tiny import make_tiny_model
@@ -134,18 +143,13 @@ def _layer_count(model: str, token: str | None) -> int:
     ref = parse_model_ref(model, "model", allow_local=True)
     if ref.local:
         config = json.loads((Path(ref.repo) / "config.json").read_text(encoding="utf-8"))
-    else:
-        from huggingface_hub import hf_hub_download
-
-        from ..hub import hub_endpoint
+    else:  # through merger.hub, which asks the Hub for this user's access before any cached file is used
+        from ..hub import read_text, resolve
 
         try:
-            path = hf_hub_download(ref.repo, "config.json", revision=ref.revision, token=token or False,
-                                   endpoint=hub_endpoint())
-        except Exception as e:  # any Hub failure: the picker needs one line, not a traceback
-            raise HubError(f"could not read config.json of {ref} ({type(e).__name__}); check the name, "
-                           "or sign in for a gated or private model") from None
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+            config = json.loads(read_text(resolve(ref, token=token), "config.json", token=token))
+        except json.JSONDecodeError:
+            raise RecipeError(f"{ref}'s config.json is not valid JSON; write the slices' layer_range by hand") from None
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
             return config[key]
@@ -339,6 +343,57 @@ def resolve_token(settings: Settings, oauth_token: str | None, environ: Mapping[
     return env.get("HF_TOKEN") or None
 
 
+SIGNED_OUT = ("you are not signed in (a sign-in lasts 8 hours and may have expired while the merge waited in the "
+              "queue): sign in with Hugging Face and press Merge again; nothing was started")
+EXPIRED = ("your Hugging Face sign-in expired while the merge waited in the queue: sign out, sign in again and "
+           "press Merge; nothing was started")
+MIN_SESSION_SECONDS = 600  # a sign-in about to expire would fail the push at the end: renew it first
+
+
+def ensure_signed_in(token: str | None, expires_at: float | None, *, now: float | None = None) -> None:
+    """On a Space, right before a job starts: the user's sign-in is still valid (it may have expired, or
+    been revoked, while the job waited in the queue). Asks the Hub who the token belongs to."""
+    if not token:
+        raise HubError(SIGNED_OUT)
+    left = None if expires_at is None else expires_at - (time.time() if now is None else now)
+    if left is not None and left <= 0:
+        raise HubError(EXPIRED)
+    if left is not None and left < MIN_SESSION_SECONDS:
+        raise HubError(f"your Hugging Face sign-in expires in {max(1, int(left // 60))} minute(s), too soon for a "
+                       "merge and its upload: sign out and sign in again to renew it, then press Merge")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ..hub import hub_endpoint
+
+    try:
+        HfApi(endpoint=hub_endpoint()).whoami(token=token)
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise HubError(EXPIRED) from None
+        raise HubError(f"could not ask the Hub who you are (HTTP {status}); retry in a minute") from None
+    except Exception as e:  # network: one line, never the token
+        raise HubError(f"could not reach the Hub to check your sign-in ({type(e).__name__}); retry in a minute"
+                       ) from None
+
+
+def check_report(settings: Settings, text: str, quants: Sequence[str], token: str | None) -> CheckReport:
+    """The Check button: the pre-flight report, with the disk estimate compared with the free space where a
+    job would run. On a Space the check reads through a cache of its own, removed right after."""
+    import tempfile
+
+    from .. import pipeline
+
+    recipe = parse_recipe(text, allow_local=settings.allow_local)
+    if not settings.space:
+        return pipeline.check(recipe, token=token, gguf=tuple(quants), out_dir=settings.outputs_dir)
+    from ..hub import job_cache
+
+    with tempfile.TemporaryDirectory(prefix="check-") as tmp, job_cache(Path(tmp) / "hub-cache"):
+        return pipeline.check(recipe, token=token, gguf=tuple(quants), out_dir=Path(tmp) / "out", on_space=True)
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """Everything a merge job needs, validated before it takes its place in the queue."""
@@ -347,17 +402,23 @@ class JobRequest:
     options: RunOptions
     job_dir: Path  # the job's own folder, holding options.out_dir
     keep: bool  # keep the output after success (local mode); a Space removes it after the push
+    cache_dir: Path | None = None  # a Space job downloads into a cache of its own inside job_dir
 
 
 def job_request(settings: Settings, text: str, repo_name: str, *, private: bool, publish: bool,
-                quants: Sequence[str], token: str | None, job_id: str) -> JobRequest:
-    """Parse and decide where the job writes: ./outputs/<job>/<name> locally, a temp folder on a Space."""
+                quants: Sequence[str], token: str | None, job_id: str,
+                expires_at: float | None = None) -> JobRequest:
+    """Parse and decide where the job writes: ./outputs/<job>/<name> locally, a temp folder on a Space
+    (with the job's own download cache in it). On a Space the sign-in is checked first (`expires_at`:
+    when the OAuth token expires, seconds since the epoch)."""
     import tempfile
 
     recipe = parse_recipe(text, allow_local=settings.allow_local)
     unknown = [q for q in quants if q not in GGUF_CHOICES]
     if unknown:
         raise RecipeError(f"unknown GGUF type(s) {', '.join(unknown)}; choose from {', '.join(GGUF_CHOICES)}")
+    if settings.space:
+        ensure_signed_in(token, expires_at)
     if settings.space and not publish:
         raise HubError("on this Space a merge is kept only by publishing it: tick 'Publish' and sign in")
     if publish and not token:
@@ -376,7 +437,8 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     options = RunOptions(out_dir=job_dir / _short_name(name), gguf=tuple(quants), push=push, token=token,
                          private=private, allow_local=settings.allow_local,
                          allow_local_paths=settings.allow_local)  # local app: the user's own folders
-    return JobRequest(recipe, options, job_dir, keep=not settings.space)
+    return JobRequest(recipe, options, job_dir, keep=not settings.space,
+                      cache_dir=job_dir / "hub-cache" if settings.space else None)
 
 
 def follow(job: Run, interval: float = 0.25) -> Iterator[Snapshot]:

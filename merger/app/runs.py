@@ -10,6 +10,7 @@ and pushed: nothing half-made and nothing of one user's is left for the next.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import shutil
 import threading
@@ -90,9 +91,11 @@ class Run:
     _error: str | None = None
     _thread: threading.Thread | None = None
 
-    def start(self, recipe: Recipe, options: RunOptions, *, job_dir: Path, keep: bool) -> None:
+    def start(self, recipe: Recipe, options: RunOptions, *, job_dir: Path, keep: bool,
+              cache_dir: Path | None = None) -> None:
         """Run in a worker thread. `job_dir` holds out_dir and belongs to this job: it is removed on error
-        or cancel, and also after success unless `keep` (a Space keeps nothing once the push is done)."""
+        or cancel, and also after success unless `keep` (a Space keeps nothing once the push is done).
+        With `cache_dir` (inside job_dir) the job downloads into that cache of its own, not the shared one."""
         with self._lock:
             if self.status != QUEUED:
                 raise MergerError(f"job {self.job_id} was already started")
@@ -102,7 +105,7 @@ class Run:
                 self._finished.set()
                 return
             self.status = RUNNING
-        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep),
+        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep, cache_dir),
                                         name=f"merge-{self.job_id}", daemon=True)
         self._thread.start()
 
@@ -132,10 +135,13 @@ class Run:
 
     # ------------------------------------------------------------ worker side
 
-    def _work(self, recipe: Recipe, options: RunOptions, job_dir: Path, keep: bool) -> None:
+    def _work(self, recipe: Recipe, options: RunOptions, job_dir: Path, keep: bool, cache_dir: Path | None) -> None:
+        from ..hub import job_cache
+
         kept = False
         try:
-            result = run(recipe, options, progress=self._on_event, cancel=self.cancel_event)
+            with job_cache(cache_dir) if cache_dir is not None else contextlib.nullcontext():
+                result = run(recipe, options, progress=self._on_event, cancel=self.cancel_event)
             outcome = read_outcome(result, kept=keep)
             kept = keep
             with self._lock:
