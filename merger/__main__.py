@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--gguf-repo", action="store_true", help="push GGUF files to a separate OWNER/NAME-GGUF repo")
     r.add_argument("--overwrite-repo", action="store_true",
                    help="allow pushing to an existing repository that this tool did not create")
+    r.add_argument("--no-eval", action="store_true",
+                   help="skip the perplexity of the merge and its parents (on by default; see README)")
+    r.add_argument("--gguf-drop-failing", action="store_true",
+                   help="keep a GGUF file that fails verification out of the output and the push, instead of failing")
+    r.add_argument("--eval-tokens", type=int, default=256, metavar="N",
+                   help="token budget of GGUF verification and of the evaluation (default 256)")
     r.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
@@ -137,7 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
                          overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
-                         allow_local=not os.environ.get("SPACE_ID"))
+                         allow_local=not os.environ.get("SPACE_ID"), evaluate=not args.no_eval,
+                         drop_failing_gguf=args.gguf_drop_failing, eval_tokens=args.eval_tokens)
+    if args.eval_tokens < 16:
+        raise MergerError("--eval-tokens must be at least 16 (the verification needs a few tokens per section)")
     bar = StderrProgress()
     cancel = threading.Event()
     try:
@@ -151,6 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {f}")
     for g in result.gguf_files:
         print(f"  {g.name}")
+    for name, line in (result.sanity or {}).items():
+        print(f"verify {name}: {line}")
+    if result.quality is not None:
+        q = result.quality
+        print("perplexity: " + ", ".join(f"{s.name} {q.perplexity(s):.4g}" for s in (q.merged, *q.parents)))
     for url in result.pushed:
         print(f"pushed: {url}")
     return 0

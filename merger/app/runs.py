@@ -24,7 +24,7 @@ from ..pipeline import Event, RunOptions, RunResult, run
 from ..recipe import Recipe
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-STAGES = ("check", "download", "merge", "gguf", "verify", "upload")
+STAGES = ("check", "download", "merge", "gguf", "verify", "evaluate", "upload")
 MAX_LOG_LINES = 500
 MAX_JOBS_KEPT = 64
 log = logging.getLogger(__name__)
