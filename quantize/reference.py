@@ -21,7 +21,7 @@ from merger.errors import GGUFError
 from merger.sources import TensorReader
 from quantize.convert import check_convertible
 
-__all__ = ["reference_logits"]
+__all__ = ["cached_weights", "reference_logits"]
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -33,16 +33,28 @@ _ACTIVATIONS = {
 
 
 class _Weights:
-    """Reads one tensor at a time, as float32, from a local safetensors folder."""
+    """Reads one tensor at a time, as float32, from a local safetensors folder; `cache=True` keeps what it
+    read (for many forwards of a small model, e.g. greedy sampling)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cache: bool = False) -> None:
         self.reader = TensorReader(folder)
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.reader.headers
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.reader.read(name).to(torch.float32)
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        tensor = self.reader.read(name).to(torch.float32)
+        if self.cache is not None:
+            self.cache[name] = tensor
+        return tensor
+
+
+def cached_weights(model_dir: str | Path) -> _Weights:
+    """Weights kept in memory once read: pass as `weights=` to repeated reference_logits calls."""
+    return _Weights(Path(model_dir), cache=True)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -61,7 +73,7 @@ def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float) -> torch.Te
     return torch.cat([rot * cos + rotated * sin, rest], -1)
 
 
-def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
+def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | None = None) -> torch.Tensor:
     """Float32 logits (seq, vocab) of the model in `model_dir` for token ids `ids` (no KV cache)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -71,7 +83,7 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
     if config.get("model_type") == "phi-msft":
         raise GGUFError("GGUF verification needs the current Phi-2 layout (model.*), not phi-msft")
     kind = config["model_type"]
-    w = _Weights(model_dir)
+    w = weights or _Weights(model_dir)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads

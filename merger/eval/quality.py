@@ -21,7 +21,7 @@ from ..errors import CancelledError, GGUFError
 from .text import SOURCE, eval_sections
 
 BROKEN_RATIO = 1.5  # merged perplexity above this multiple of the best parent's: "looks broken"
-SAMPLE_MAX_PARAMS = 1_500_000_000  # greedy samples by the CPU reference forward only up to this size
+SAMPLE_MAX_PARAMS = 500_000_000  # greedy samples by the CPU reference forward (weights held in RAM) up to this
 DEFAULT_TOKEN_BUDGET = 256
 
 
@@ -116,11 +116,11 @@ def _params(folder: Path) -> int:
 
 
 def _greedy(folder: Path, tok: _Tokenizer, prompt: list[int], n: int) -> str:
-    from quantize.reference import reference_logits
+    from quantize.reference import cached_weights, reference_logits
 
-    ids = list(prompt)
+    ids, weights = list(prompt), cached_weights(folder)
     for _ in range(n):
-        ids.append(int(reference_logits(folder, ids)[-1].argmax()))
+        ids.append(int(reference_logits(folder, ids, weights)[-1].argmax()))
     return tok.decode(ids[len(prompt):])
 
 
