@@ -232,3 +232,19 @@ def test_quantize_cli_prints_each_verdict(pair: dict[str, Path], tmp_path: Path)
     lines = [line for line in got.stdout.splitlines() if line.startswith("verify ")]
     assert [line.split(":")[0] for line in lines] == ["verify base-F16.gguf", "verify base-Q8_0.gguf"]
     assert all("✓ pass" in line for line in lines)
+
+
+def test_the_app_result_leads_with_a_broken_verdict(pair: dict[str, Path], tmp_path: Path) -> None:
+    from merger.app import demo
+    from merger.app.runs import DONE, Outcome, Snapshot
+
+    broken = "this merge looks broken: its perplexity 9000 is 12.0x that of its best parent base (750)"
+    table = ("| model | perplexity | sample |", "|---|---|---|", "| **this merge** | 9000 | 'ssss' |")
+    outcome = Outcome((("model.safetensors", 10),), "card", (), {}, (broken, "another warning"), tmp_path, 1.0,
+                      ("> **Warning: x.**", "", *table), broken)
+    md = demo.render_outcome(Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), outcome))
+    assert md.startswith(f"### ⚠ Merged in 1.0 s, but {broken}")
+    assert "| **this merge** | 9000 |" in md and "> **Warning" not in md
+    assert md.count("looks broken") == 1 and "- ⚠ another warning" in md
+    good = Outcome((), "card", (), {}, (), tmp_path, 1.0, table, None)
+    assert demo.render_outcome(Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), good)).startswith("### ✓ Merged")

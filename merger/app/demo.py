@@ -425,17 +425,22 @@ def render_outcome(snap: Snapshot) -> str:
     if o is None:
         return ""
     lines = [f"### ✓ Merged in {o.seconds:.1f} s", ""]
+    if o.verdict:
+        lines = [f"### ⚠ Merged in {o.seconds:.1f} s, but {o.verdict}", ""]
     lines += [f"Published: [{url}]({url})" for url in o.pushed]
     if o.out_dir is not None:
         lines.append(f"Files in `{o.out_dir}`:")
     lines += ["", "| file | size |", "|---|---|"]
     lines += [f"| `{_cell(name)}` | {human_bytes(size)} |" for name, size in o.files]
     if o.sanity:
-        lines += ["", "**GGUF sanity checks** (logits vs the merged model, perplexity, a sample generation)", "",
-                  "| file | result |", "|---|---|"]
+        lines += ["", "**GGUF verification** in llama.cpp (KL divergence and top-1 agreement against the "
+                      "reference, perplexity, a greedy sample)", "", "| file | result |", "|---|---|"]
         lines += [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in o.sanity.items()]
+    if o.quality:
+        lines += ["", "**Evaluation**: the merge against its parents", "",
+                  *[line for line in o.quality if not line.startswith("> **Warning")]]
     if o.warnings:
-        lines += ["", *[f"- ⚠ {_cell(w)}" for w in o.warnings]]
+        lines += ["", *[f"- ⚠ {_cell(w)}" for w in o.warnings if w != o.verdict]]
     return "\n".join(lines)
 
 
