@@ -155,8 +155,10 @@ def load_gguf(path: str | Path, n_ctx: int = 512):  # noqa: ANN201 - llama_cpp.L
     """Load a GGUF (or the first part of a split set) with an F32 KV cache and all logits kept."""
     llama_cpp = _llama_cpp()
     try:
+        gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # a CUDA build of llama.cpp: all layers on the GPU
         return llama_cpp.Llama(
             str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, verbose=False, n_threads=os.cpu_count() or 1,
+            n_gpu_layers=gpu,
         )
     except ValueError as exc:
         raise GGUFError(f"llama.cpp cannot load {Path(path).name}: {exc}") from None
