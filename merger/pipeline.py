@@ -322,7 +322,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
             parent_dirs = {ref.display_name: folders[ref] for ref in recipe.referenced_models()}
             quality.append(evaluate_merge(
                 tmp, parent_dirs, token_budget=options.eval_tokens, merged_sample=merged_sample,
-                cancel=lambda: bool(cancel and cancel.is_set()),
+                cancel=lambda: bool(cancel and cancel.is_set()), device=_eval_device(options.device),
                 progress=lambda msg, frac: report(Event("evaluate", frac, msg))))
             if quality[0].verdict:
                 warnings.append(quality[0].verdict)
@@ -362,6 +362,13 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     return result
 
 
+def _eval_device(device: str) -> str:
+    """Where the torch reference forwards of verification and evaluation run: the merge's device."""
+    from .engine import resolve_device
+
+    return str(resolve_device(device))
+
+
 def _export_and_verify(folder: Path, name: str, outtype: str | None, quants: list[str], streamed: Path,
                        options: RunOptions, report: EventCallback, cancel: threading.Event | None) -> list[Any]:
     """Quantize from the streamed base GGUF, measuring each file in llama.cpp as soon as it exists (the base
@@ -372,7 +379,8 @@ def _export_and_verify(folder: Path, name: str, outtype: str | None, quants: lis
     from .eval.text import eval_sections
 
     stop = (lambda: bool(cancel and cancel.is_set()))
-    verifier = Verifier(folder, eval_sections(), token_budget=options.eval_tokens, cancel=stop)
+    verifier = Verifier(folder, eval_sections(), token_budget=options.eval_tokens, cancel=stop,
+                        device=_eval_device(options.device))
     measurements = []
     total = 1 + len(quants)
 

@@ -36,8 +36,9 @@ class _Weights:
     """Reads one tensor at a time, as float32, from a local safetensors folder; `cache=True` keeps what it
     read (for many forwards of a small model, e.g. greedy sampling)."""
 
-    def __init__(self, folder: Path, cache: bool = False) -> None:
+    def __init__(self, folder: Path, cache: bool = False, device: torch.device | str = "cpu") -> None:
         self.reader = TensorReader(folder)
+        self.device = torch.device(device)
         self.cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     def __contains__(self, name: str) -> bool:
@@ -46,15 +47,15 @@ class _Weights:
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.cache is not None and name in self.cache:
             return self.cache[name]
-        tensor = self.reader.read(name).to(torch.float32)
+        tensor = self.reader.read(name).to(self.device, torch.float32)
         if self.cache is not None:
             self.cache[name] = tensor
         return tensor
 
 
-def cached_weights(model_dir: str | Path) -> _Weights:
+def cached_weights(model_dir: str | Path, device: torch.device | str = "cpu") -> _Weights:
     """Weights kept in memory once read: pass as `weights=` to repeated reference_logits calls."""
-    return _Weights(Path(model_dir), cache=True)
+    return _Weights(Path(model_dir), cache=True, device=device)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -64,8 +65,8 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> to
 def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float) -> torch.Tensor:
     """Rotate-half rope on the first `rot_dim` features of each head; x is (heads, seq, head_dim)."""
     seq = x.shape[1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32) / scale, inv_freq)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=x.device) / rot_dim))
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device) / scale, inv_freq)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
     half = rot_dim // 2
@@ -73,8 +74,10 @@ def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float) -> torch.Te
     return torch.cat([rot * cos + rotated * sin, rest], -1)
 
 
-def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | None = None) -> torch.Tensor:
-    """Float32 logits (seq, vocab) of the model in `model_dir` for token ids `ids` (no KV cache)."""
+def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Float32 logits (seq, vocab), on the CPU, of the model in `model_dir` for token ids `ids` (no KV cache),
+    computed on `device` (or that of `weights`)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     reason = check_convertible(config)
@@ -83,7 +86,7 @@ def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | 
     if config.get("model_type") == "phi-msft":
         raise GGUFError("GGUF verification needs the current Phi-2 layout (model.*), not phi-msft")
     kind = config["model_type"]
-    w = weights or _Weights(model_dir)
+    w = weights or _Weights(model_dir, device=device)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
@@ -125,7 +128,7 @@ def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | 
         if config.get("attn_logit_softcapping"):
             cap = config["attn_logit_softcapping"]
             scores = torch.tanh(scores / cap) * cap
-        pos = torch.arange(seq)
+        pos = torch.arange(seq, device=x.device)
         allowed = pos[None, :] <= pos[:, None]
         window = config.get("sliding_window")
         if config.get("layer_types"):
@@ -151,7 +154,7 @@ def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | 
 
     try:
         embed = w["model.embed_tokens.weight"]
-        x = embed[torch.tensor(ids)]
+        x = embed[torch.tensor(ids, device=embed.device)]
         if gemma:
             x = x * torch.tensor(math.sqrt(hidden), dtype=torch.float32)
         for layer in range(config["num_hidden_layers"]):
@@ -173,6 +176,6 @@ def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | 
         if config.get("final_logit_softcapping"):
             cap = config["final_logit_softcapping"]
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits.cpu()
     finally:
         w.reader.close()

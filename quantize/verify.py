@@ -144,7 +144,7 @@ class Verifier:
 
     def __init__(self, model_dir: str | Path, sections: Sequence[tuple[str, str]], *,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, sample_tokens: int = 16,
-                 cancel: Callable[[], bool] | None = None) -> None:
+                 cancel: Callable[[], bool] | None = None, device: str = "cpu") -> None:
         if not sections:
             raise GGUFError("the verification text is empty")
         self.model_dir = Path(model_dir)
@@ -152,6 +152,7 @@ class Verifier:
         self.per_section = max(8, token_budget // len(self.sections))
         self.sample_tokens = sample_tokens
         self.cancel = cancel or (lambda: False)
+        self.device = device  # of the torch reference forward (llama.cpp uses the GPU when built with CUDA)
         self._ids: list[list[int]] | None = None
         self._base_logp: list[torch.Tensor] | None = None
         self._base_name = ""
@@ -215,7 +216,7 @@ class Verifier:
         self._base_logp, self._base_name = got, path.name
         assert self._ids is not None
         try:
-            ref = [_log_probs(reference_logits(self.model_dir, ids)) for ids in self._ids]
+            ref = [_log_probs(reference_logits(self.model_dir, ids, device=self.device)) for ids in self._ids]
         except GGUFError as exc:
             return self._measure(path, gguf_type, "safetensors model", None, got, sample, start,
                                  note=f"not compared with the merged model ({exc})")

@@ -115,10 +115,10 @@ def _params(folder: Path) -> int:
     return sum(h.numel for h in read_local_headers(folder).values())
 
 
-def _greedy(folder: Path, tok: _Tokenizer, prompt: list[int], n: int) -> str:
+def _greedy(folder: Path, tok: _Tokenizer, prompt: list[int], n: int, device: str) -> str:
     from quantize.reference import cached_weights, reference_logits
 
-    ids, weights = list(prompt), cached_weights(folder)
+    ids, weights = list(prompt), cached_weights(folder, device)
     for _ in range(n):
         ids.append(int(reference_logits(folder, ids, weights)[-1].argmax()))
     return tok.decode(ids[len(prompt):])
@@ -136,7 +136,7 @@ def _texts(tok: _Tokenizer, per_section: int) -> list[str]:
 
 
 def _score(name: str, folder: Path, texts: Sequence[str], sample_prompt: str | None, sample_tokens: int,
-           cancel: Callable[[], bool]) -> ModelScore:
+           cancel: Callable[[], bool], device: str) -> ModelScore:
     from quantize.reference import reference_logits
 
     tok = _Tokenizer(folder)
@@ -145,43 +145,43 @@ def _score(name: str, folder: Path, texts: Sequence[str], sample_prompt: str | N
         if cancel():
             raise CancelledError("evaluation cancelled")
         ids = tok.encode(text)
-        logp = torch.log_softmax(reference_logits(folder, ids).double(), -1)
+        logp = torch.log_softmax(reference_logits(folder, ids, device=device).double(), -1)
         nll -= logp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum().item()
         n_tokens += len(ids) - 1
     sample = None
     if sample_prompt is not None:
-        sample = _greedy(folder, tok, tok.encode(sample_prompt), sample_tokens)
+        sample = _greedy(folder, tok, tok.encode(sample_prompt), sample_tokens, device)
     return ModelScore(name, nll, n_tokens, sample)
 
 
 def evaluate_merge(merged: str | Path, parents: Mapping[str, str | Path], *,
                    token_budget: int = DEFAULT_TOKEN_BUDGET, sample_tokens: int = 12,
                    merged_sample: str | None = None, cancel: Callable[[], bool] | None = None,
-                   progress: Callable[[str, float], None] | None = None) -> QualityReport:
-    """Score the merged folder and each parent folder on the evaluation text. `merged_sample` is a sample
-    already taken (from the GGUF in llama.cpp); without one, samples are drawn with the reference forward
-    when the models are small enough for that to be quick."""
+                   progress: Callable[[str, float], None] | None = None, device: str = "cpu") -> QualityReport:
+    """Score the merged folder and each parent folder on the evaluation text (forward passes on `device`).
+    `merged_sample` is a sample already taken (from the GGUF in llama.cpp); without one, samples are drawn
+    with the reference forward when the models are small enough for that to be quick (any size on a GPU)."""
     merged = Path(merged)
     cancel = cancel or (lambda: False)
     report = progress or (lambda message, fraction: None)
     tok = _Tokenizer(merged)
     texts = _texts(tok, max(8, token_budget // len(eval_sections())))
     n_tokens = sum(len(tok.encode(t)) - 1 for t in texts)
-    small = _params(merged) <= SAMPLE_MAX_PARAMS
+    small = device != "cpu" or _params(merged) <= SAMPLE_MAX_PARAMS
     prompt = " ".join(texts[0].split()[:6]) if small else None
     notes = [] if small or merged_sample else [
         f"no greedy samples: the CPU reference forward is slow above {SAMPLE_MAX_PARAMS / 1e9:.1f}B parameters "
         "(export a GGUF to get the merge's sample from llama.cpp)"]
     total = 1 + len(parents)
     report("perplexity of the merge", 0.0)
-    score = _score("this merge", merged, texts, None if merged_sample else prompt, sample_tokens, cancel)
+    score = _score("this merge", merged, texts, None if merged_sample else prompt, sample_tokens, cancel, device)
     if merged_sample is not None:
         score = ModelScore(score.name, score.nll, score.n_tokens, merged_sample)
     scores = []
     for i, (name, folder) in enumerate(parents.items(), start=1):
         report(f"perplexity of {name}", i / total)
         try:
-            scores.append(_score(name, Path(folder), texts, prompt, sample_tokens, cancel))
+            scores.append(_score(name, Path(folder), texts, prompt, sample_tokens, cancel, device))
         except GGUFError as exc:
             notes.append(f"{name} not scored: {exc}")
     report("evaluation done", 1.0)
