@@ -103,3 +103,21 @@ def test_a_published_merge_is_found_on_the_hub(gguf_file: Path, hub: HubServer, 
     with pytest.raises(MergerError, match="alice/empty has no GGUF file to chat with"):
         resolve_gguf("alice/empty", token="hf_alice_write")
     assert resolve_gguf(str(gguf_file)) == gguf_file
+    with pytest.raises(MergerError, match="missing.gguf: no such GGUF file"):
+        resolve_gguf(str(tmp_path / "missing.gguf"))
+
+
+def test_after_a_run_the_chat_points_at_its_gguf(tmp_path: Path) -> None:
+    from merger.app import demo
+    from merger.app.runs import DONE, Outcome, Snapshot
+
+    files = (("model.safetensors", 1), ("m-Q8_0.gguf", 2), ("m-Q4_K_M.gguf", 3))
+    local = Outcome(files, "", (), {}, (), tmp_path, 1.0)
+    snap = Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), local)
+    assert demo.chat_source(snap, allow_local=True) == str(tmp_path / "m-Q4_K_M.gguf")
+    pushed = Outcome(files, "", ("http://hub/alice/m", "http://hub/alice/m-GGUF"), {}, (), None, 1.0)
+    snap = Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), pushed)
+    assert demo.chat_source(snap, allow_local=False) == "alice/m-GGUF"
+    no_gguf = Outcome(files[:1], "", (), {}, (), tmp_path, 1.0)
+    assert demo.chat_source(Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), no_gguf), allow_local=True) == ""
+    assert demo.chat_source(None, allow_local=True) == ""

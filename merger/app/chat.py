@@ -45,7 +45,9 @@ def pick_gguf(files: list[str]) -> str | None:
 def resolve_gguf(source: str, *, token: str | None = None) -> Path:
     """A local .gguf path, or `owner/name` of a Hub repo whose GGUF is downloaded (cached)."""
     path = Path(source).expanduser()
-    if source.endswith(".gguf") and path.is_file():
+    if source.endswith(".gguf") or "\\" in source or source.startswith(("/", ".", "~")):
+        if not path.is_file():
+            raise MergerError(f"{source}: no such GGUF file")
         return path
     from ..hub import download_file, repo_files, validate_repo_id
 

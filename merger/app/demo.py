@@ -460,3 +460,20 @@ def recipe_status(text: str, *, allow_local: bool) -> str:
         return render_error(e)
     n = len(recipe.referenced_models())
     return f"✓ valid recipe: `{recipe.method}` of {n} model(s); press **Check** to inspect the models"
+
+
+def chat_source(snap: Snapshot | None, *, allow_local: bool) -> str:
+    """What to chat with after a run: the merged GGUF on disk (local mode), else the repo it was pushed to."""
+    from .chat import pick_gguf
+
+    o = snap.outcome if snap is not None else None
+    if o is None:
+        return ""
+    name = pick_gguf([f for f, _ in o.files])
+    if name is None:
+        return ""
+    if allow_local and o.out_dir is not None:
+        return str(o.out_dir / name)
+    gguf_repo = next((url for url in o.pushed if url.endswith("-GGUF")), o.pushed[0] if o.pushed else "")
+    return "/".join(gguf_repo.rstrip("/").split("/")[-2:]) if gguf_repo else ""
+
