@@ -17,6 +17,7 @@ folder that is removed after the push.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Iterator
 
 from merger.app import demo
@@ -28,6 +29,7 @@ demo.space_environment()
 import gradio as gr  # noqa: E402
 
 from merger.errors import MergerError  # noqa: E402
+from merger.app.chat import ChatSessions, resolve_gguf  # noqa: E402
 from merger.app.gallery import gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
 from merger.app.runs import RunQueue  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
@@ -52,6 +54,7 @@ def _username(profile: gr.OAuthProfile | None) -> str | None:
 def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
     """The page; `manager` may carry a test hook that paces jobs."""
     jobs = manager or RunQueue()
+    chats = ChatSessions()
     allow_local = settings.allow_local
     gallery = load_gallery()
     demo_models = [str(p) for p in demo.ensure_demo_models(settings.demo_dir).values()] if allow_local else []
@@ -133,6 +136,29 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
             card = demo.card_markdown(snap.outcome.card) if snap.outcome else ""
             yield demo.render_progress(snap), demo.render_log(snap), demo.render_outcome(snap), card
 
+    def chat_target(job_id: str) -> str:
+        run = jobs.get(job_id)
+        return demo.chat_source(run.snapshot() if run else None, allow_local=allow_local) or gr.skip()
+
+    def chat_send(source: str, history: list[dict], message: str, request: gr.Request,
+                  profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        """Stream the model's reply into the conversation; errors are one line under it."""
+        history = list(history or [])
+        asked = history + [{"role": "user", "content": message}]
+        try:
+            if not allow_local and not re.fullmatch(r"[\w.-]+/[\w.-]+", source.strip()):
+                raise MergerError("name a Hub repository with a GGUF file (owner/name)")
+            path = resolve_gguf(source.strip(), token=_token(settings, oauth_token))
+            who = _username(profile) or request.session_hash or "local"
+            first = True
+            for text in chats.reply(who, path, history, message):
+                yield (asked + [{"role": "assistant", "content": text}], "" if first else gr.skip(),
+                       "✍ writing the reply...")
+                first = False
+            yield gr.skip(), gr.skip(), ""
+        except MergerError as e:
+            yield history, message, demo.render_error(e)
+
     def cancel(job_id: str) -> str:
         return ("Cancelling: the job stops at its next step and removes what it wrote."
                 if jobs.cancel(job_id) else "No job is running.")
@@ -185,6 +211,14 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         result = gr.Markdown(elem_id="result")
         with gr.Accordion("Model card (README.md of the output)", open=False):
             card = gr.Markdown(elem_id="card")
+        with gr.Accordion("Chat with the result (its GGUF in llama.cpp)", open=False, elem_id="chat"):
+            chat_source = gr.Textbox(label="GGUF to chat with: a Hub repo (owner/name)" + (
+                                     " or a local .gguf file" if allow_local else ""), elem_id="chat-source",
+                                     placeholder="filled in after a merge with GGUF files")
+            chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=320)
+            with gr.Row():
+                chat_box = gr.Textbox(label="Message", scale=4, elem_id="chat-box", submit_btn=True)
+            chat_status = gr.Markdown(elem_id="chat-status")
 
         recipe_outputs = [editor, models_box, method, repo_name, status]
         method.input(from_method, [models_box, method], recipe_outputs, queue=False)
@@ -200,6 +234,9 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
             run_merge, [job_id, editor, repo_name, private, publish, quants], [progress, log, result, card],
             concurrency_id="merge", concurrency_limit=1, api_name="merge")
         cancel_button.click(cancel, [job_id], [report], queue=False)
+        result.change(chat_target, [job_id], [chat_source], queue=False)
+        chat_box.submit(chat_send, [chat_source, chatbot, chat_box], [chatbot, chat_box, chat_status],
+                        concurrency_id="chat", concurrency_limit=2)
     return app
 
 

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m merger", description="Merge open language models from "
                                 "mergekit-style YAML recipes: pre-flight check, merge, GGUF, Hub push.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{check,run,methods}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{check,run,eval,methods}")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="mergekit-style YAML recipe file ('-' reads standard input)")
@@ -46,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    e = sub.add_parser("eval", help="benchmark a published merge (and its parents) with lm-evaluation-harness",
+                       description="Run lm-evaluation-harness (pip install lm-eval) on a merged model on the Hub "
+                       "and commit a merge-vs-parents table to its card and .eval_results/ files, in one commit.")
+    e.add_argument("repo", metavar="OWNER/NAME", help="the merged model's Hub repository")
+    e.add_argument("--tasks", default="arc_challenge,hellaswag,mmlu,truthfulqa_mc2,winogrande,gsm8k",
+                   help="comma-separated lm-eval tasks (default: the Open LLM Leaderboard v1 six)")
+    e.add_argument("--parents", action="store_true", help="also evaluate the parents named in its card")
+    e.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    e.add_argument("--include-path", default=None, help="a folder of extra lm-eval task definitions")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    e.add_argument("--no-push", action="store_true", help="print the scores without committing them")
+    e.add_argument("--token", default=os.environ.get("HF_TOKEN") or None, help="Hugging Face token (default $HF_TOKEN)")
+
     r = sub.add_parser("run", help="check, fetch, merge, and optionally convert to GGUF and push",
                        description="Run the merge tensor by tensor and write mergekit's output layout to OUT_DIR.")
     common(r)
@@ -62,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-local-paths", action="store_true",
                    help="let --push publish the folder paths of local parents that have no Hub origin (by "
                    "default refused; Hub-cache snapshots are always published as org/name@commit)")
+    r.add_argument("--no-eval", action="store_true",
+                   help="skip the perplexity of the merge and its parents (on by default; see README)")
+    r.add_argument("--gguf-drop-failing", action="store_true",
+                   help="keep a GGUF file that fails verification out of the output and the push, instead of failing")
+    r.add_argument("--eval-tokens", type=int, default=256, metavar="N",
+                   help="token budget of GGUF verification and of the evaluation (default 256)")
     r.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
@@ -150,7 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                          overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
                          allow_local_paths=args.allow_local_paths,
                          max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
-                         allow_local=not os.environ.get("SPACE_ID"))
+                         allow_local=not os.environ.get("SPACE_ID"), evaluate=not args.no_eval,
+                         drop_failing_gguf=args.gguf_drop_failing, eval_tokens=args.eval_tokens)
+    if args.eval_tokens < 16:
+        raise MergerError("--eval-tokens must be at least 16 (the verification needs a few tokens per section)")
     bar = StderrProgress()
     cancel = threading.Event()
     try:
@@ -164,8 +186,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {f}")
     for g in result.gguf_files:
         print(f"  {g.name}")
+    for name, line in (result.sanity or {}).items():
+        print(f"verify {name}: {line}")
+    if result.quality is not None:
+        q = result.quality
+        print("perplexity: " + ", ".join(f"{s.name} {q.perplexity(s):.4g}" for s in (q.merged, *q.parents)))
     for url in result.pushed:
         print(f"pushed: {url}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.harness import evaluate_repo
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MergerError("--tasks is empty; name lm-eval tasks, e.g. arc_challenge,hellaswag")
+    if args.limit is not None and args.limit < 1:
+        raise MergerError("--limit must be a positive number of examples per task")
+    scores, parents = evaluate_repo(args.repo, tasks, parents=args.parents, token=args.token,
+                                    include_path=args.include_path, limit=args.limit, device=args.device,
+                                    push=not args.no_push, progress=lambda m: print(m, file=sys.stderr))
+    for name, s in [(args.repo, scores), *parents.items()]:
+        print(f"{name}: " + ", ".join(f"{t} {v:.4f}" for t, v in s.items()))
+    if not args.no_push:
+        print(f"results committed to {args.repo} (card table and .eval_results/)")
     return 0
 
 
@@ -176,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_methods()
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         return cmd_run(args)
     except CancelledError as e:
         print(f"cancelled: {e}", file=sys.stderr)

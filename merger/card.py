@@ -247,7 +247,8 @@ def _rewrite_snapshot_paths(text: str) -> tuple[str, set[ModelRef]]:
 
 def build_card(recipe: Recipe, *, parents: Sequence[ParentInfo], output_name: str,
                gguf_files: Sequence[GGUFFileInfo] = (), gguf_repo: str | None = None,
-               sanity: Mapping[str, Any] | None = None, seed: int | None = None) -> ModelCard:
+               sanity: Mapping[str, Any] | None = None, seed: int | None = None,
+               evaluation: Sequence[str] | None = None) -> ModelCard:
     """The README.md of a merged model. `output_name` is its repo id (`user/name`) or a local name."""
     method = get_method(recipe.method)
     by_repo = {p.repo: p for p in parents}
@@ -280,7 +281,8 @@ def build_card(recipe: Recipe, *, parents: Sequence[ParentInfo], output_name: st
     if sanity:
         body += ["## Sanity checks", "", "| check | result |", "|---|---|"]
         body += [f"| {k} | {_cell(v)} |" for k, v in sanity.items()] + [""]
-    body += ["## Evaluation", "", "Evaluate the merge with "
+    body += ["## Evaluation", ""] + ([*evaluation, ""] if evaluation else [])
+    body += ["Evaluate the merge further with "
              "[lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness):", "", "```bash",
              f"lm_eval --model hf --model_args pretrained={output_name},dtype=auto "
              f"--tasks {','.join(EVAL_TASKS)} --batch_size auto", "```", ""]

@@ -249,6 +249,18 @@ def suggest_repos(repo_id: str, *, token: str | None = None, limit: int = 3) -> 
 
 # ---------------------------------------------------------------- publishing
 
+def repo_files(repo_id: str, *, token: str | None = None) -> list[str]:
+    """The file names of a model repository (errors as one-line HubErrors, transient ones retried)."""
+    return _call(lambda: _api(token).list_repo_files(repo_id), repo_id=repo_id, token=token)
+
+
+def download_file(repo_id: str, name: str, *, token: str | None = None) -> Path:
+    """One file of a model repository, through the Hugging Face cache."""
+    return Path(_call(lambda: hf_hub_download(repo_id, name, token=token or False, cache_dir=hub_cache_dir(),
+                                              endpoint=hub_endpoint()),
+                      repo_id=repo_id, token=token))
+
+
 def validate_repo_id(repo_id: str) -> None:
     """Refuse names the Hub would refuse, before anything is created."""
     namespace, sep, name = repo_id.partition("/")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any, Callable, Mapping
 from . import architecture as arch
 from .card import RECIPE_FILE
 from .engine import MergePlan, MergeRunner, Progress, plan_merge
-from .errors import CancelledError, MergerError, ModelError
+from .errors import CancelledError, GGUFError, MergerError, ModelError
 from .output import commit_output, copy_tokenizer, ensure_output_free, prepare_output, write_json
 from .recipe import ModelRef, Recipe
 from .sources import open_reader
@@ -59,6 +58,9 @@ class RunOptions:
     allow_local_paths: bool = False  # a push may publish local folder paths of parents with no Hub origin
     skip_check: bool = False
     max_memory: int | None = None  # working-memory budget in bytes; None: derived from the device
+    evaluate: bool = True  # perplexity of the merge and of each parent, samples, the "looks broken" verdict
+    drop_failing_gguf: bool = False  # a GGUF file that fails verification is kept out instead of failing the run
+    eval_tokens: int = 256  # token budget of GGUF verification and of the evaluation
 
 
 @dataclass
@@ -71,6 +73,7 @@ class RunResult:
     pushed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     sanity: dict | None = None
+    quality: Any = None  # merger.eval.quality.QualityReport when the run evaluated the merge
 
 
 def _cancelled(cancel: threading.Event | None) -> None:
@@ -203,8 +206,6 @@ def resolve_local(recipe: Recipe) -> dict[ModelRef, Path]:
 # ---------------------------------------------------------------- the whole job
 
 FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
-VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the CPU: skip it for big models
-
 
 def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
           max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False):
@@ -314,6 +315,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     output_name = options.push or options.out_dir.name
     ggufs: list[Path] = []
     sanity: dict[str, str] = {}
+    warnings: list[str] = []
 
     gguf_name = output_name.split("/")[-1]
     streamed: list[Path] = []
@@ -331,20 +333,47 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         return [GGUFStream(streamed[0], config, tmp, [(o.name, o.shape) for o in plan.outputs], base_type,
                            name=gguf_name)]
 
+    quality: list[Any] = []
+
     def finalize(tmp: Path, plan: MergePlan) -> list[str]:
         files: list[str] = []
+        merged_sample = None
         if options.gguf:
-            from quantize.llama import export_gguf
-
-            ggufs.extend(export_gguf(tmp, tmp, gguf_name, outtype, quants, converted=streamed[0] if streamed else None,
-                                     cancel=lambda: bool(cancel and cancel.is_set()),
-                                     progress=lambda msg, frac: report(Event("gguf", frac, msg))))
+            measurements = _export_and_verify(tmp, gguf_name, outtype, quants, streamed[0] if streamed else None,
+                                              options, report, cancel)
+            failed = [m for m in measurements if not m.passed]
+            if failed and not options.drop_failing_gguf:
+                raise GGUFError(f"GGUF verification failed: {failed[0].reason} (--gguf-drop-failing keeps "
+                                "failing files out of the output instead)")
+            for m in measurements:
+                produced = sorted(tmp.glob(m.file[:-len(".gguf")] + "*.gguf"))
+                if m.passed:
+                    ggufs.extend(produced)
+                else:
+                    for path in produced:
+                        path.unlink()
+                    warnings.append(f"{m.file} was kept out: {m.reason}")
+                sanity[m.file] = m.summary() + ("" if produced or not m.passed else " (intermediate, not kept)")
+            merged_sample = next((m.sample for m in measurements if m.reference == "safetensors model"), None)
             files += [p.name for p in ggufs]
-            sanity.update(_verify(ggufs, tmp, plan, report))
+        if options.evaluate:
+            from .eval.quality import evaluate_merge
+
+            parent_dirs = {ref.display_name: folders[ref] for ref in recipe.referenced_models()}
+            try:
+                quality.append(evaluate_merge(
+                    tmp, parent_dirs, token_budget=options.eval_tokens, merged_sample=merged_sample,
+                    cancel=lambda: bool(cancel and cancel.is_set()), device=_eval_device(options.device),
+                    progress=lambda msg, frac: report(Event("evaluate", frac, msg))))
+            except GGUFError as e:  # no reference forward for this model: say so, the merge stands
+                warnings.append(f"evaluation skipped: {e}")
+            if quality and quality[0].verdict:
+                warnings.append(quality[0].verdict)
         card = build_card(published, parents=parents, output_name=output_name,
                           gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
                           gguf_repo=(f"{options.push}-GGUF" if options.push and options.gguf_repo else None),
-                          sanity=sanity or None, seed=options.seed)
+                          sanity=sanity or None, seed=options.seed,
+                          evaluation=quality[0].markdown() if quality else None)
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         return files + ["README.md"]
 
@@ -354,6 +383,8 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                          extra_sinks=gguf_stream if options.gguf else None, max_memory=options.max_memory)
     result.gguf_files = [result.out_dir / p.name for p in ggufs]
     result.sanity = sanity or None
+    result.warnings += warnings
+    result.quality = quality[0] if quality else None
     if options.push:
         from .hub import push_folder
 
@@ -374,20 +405,34 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     return result
 
 
-def _verify(ggufs: list[Path], folder: Path, plan: MergePlan, report: EventCallback) -> dict[str, str]:
-    """Load each GGUF in llama.cpp: logits vs the merged model, perplexity, a sample generation."""
-    from quantize.llama import verify_gguf
+def _eval_device(device: str) -> str:
+    """Where the torch reference forwards of verification and evaluation run: the merge's device."""
+    from .engine import resolve_device
 
-    params = sum(math.prod(o.shape) for o in plan.outputs)
-    if params > VERIFY_MAX_PARAMS:
-        return {"GGUF verification": f"skipped for {params / 1e9:.1f}B parameters (CPU reference forward); "
-                                     "run `python -m quantize` with verification on a larger machine"}
-    out: dict[str, str] = {}
-    for i, path in enumerate(p for p in ggufs if p.suffix == ".gguf" and "-of-" not in p.name):
-        report(Event("verify", i / len(ggufs), f"loading {path.name} in llama.cpp"))
-        v = verify_gguf(path, folder)
-        out[path.name] = (f"loads in llama.cpp; logits vs merged model: max rel. error {v.max_rel_error:.2e}; "
-                          f"perplexity {v.perplexity:.2f} (merged model {v.reference_perplexity:.2f}); "
-                          f"sample: {v.sample.strip()!r}")
+    return str(resolve_device(device))
+
+
+def _export_and_verify(folder: Path, name: str, outtype: str | None, quants: list[str], streamed: Path | None,
+                       options: RunOptions, report: EventCallback, cancel: threading.Event | None) -> list[Any]:
+    """Quantize from the streamed base GGUF, measuring each file in llama.cpp as soon as it exists (the base
+    against the merged safetensors, each quantized file against the base): quantize.verify.Measurement."""
+    from quantize.llama import export_gguf
+    from quantize.verify import Verifier
+
+    from .eval.text import eval_sections
+
+    stop = (lambda: bool(cancel and cancel.is_set()))
+    verifier = Verifier(folder, eval_sections(), token_budget=options.eval_tokens, cancel=stop,
+                        device=_eval_device(options.device))
+    measurements = []
+    total = 1 + len(quants)
+
+    def verify(path: Path, kind: str) -> None:
+        report(Event("verify", len(measurements) / total, f"measuring {path.name} in llama.cpp"))
+        first = not measurements
+        measurements.append(verifier.base(path, kind) if first else verifier.quantized(path, kind))
+
+    export_gguf(folder, folder, name, outtype, quants, converted=streamed, cancel=stop, verify=verify,
+                progress=lambda msg, frac: report(Event("gguf", frac, msg)))
     report(Event("verify", 1.0, "GGUF files verified"))
-    return out
+    return measurements

@@ -155,8 +155,10 @@ def load_gguf(path: str | Path, n_ctx: int = 512):  # noqa: ANN201 - llama_cpp.L
     """Load a GGUF (or the first part of a split set) with an F32 KV cache and all logits kept."""
     llama_cpp = _llama_cpp()
     try:
+        gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # a CUDA build of llama.cpp: all layers on the GPU
         return llama_cpp.Llama(
             str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, verbose=False, n_threads=os.cpu_count() or 1,
+            n_gpu_layers=gpu,
         )
     except ValueError as exc:
         raise GGUFError(f"llama.cpp cannot load {Path(path).name}: {exc}") from None
@@ -230,6 +232,7 @@ def export_gguf(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     converted: Path | None = None,
+    verify: Callable[[Path, str], None] | None = None,
 ) -> list[Path]:
     """Write `NAME-<TYPE>.gguf` files for `outtype` and each of `quants`; returns every file written.
 
@@ -238,6 +241,8 @@ def export_gguf(
     Everything is checked before the first byte is written; on error or cancel nothing is left behind.
     `converted` is that base file when it was already written (streamed during a merge, at
     out_dir / gguf_file_name(name, base_gguf_type(outtype, quants))): it is not converted again.
+    `verify(path, type)` is called on the base file, then on each quantized file as soon as it is written,
+    while the base still exists (quantize.verify measures quantized files against it); it may raise.
     """
     quants = [check_quant_type(q) for q in quants]
     if outtype is not None and outtype not in OUTTYPES:
@@ -263,6 +268,8 @@ def export_gguf(
         elif Path(converted) != base:
             raise GGUFError(f"the streamed GGUF is {Path(converted).name}; expected {base.name}")
         keep_base = base_type == outtype
+        if verify is not None:
+            verify(base, base_type)
         if keep_base:
             written.append(base)
         if outtype == "q8_0" and base_type != "q8_0":
@@ -272,6 +279,8 @@ def export_gguf(
                 raise CancelledError("GGUF export cancelled; its partial files were removed")
             report(f"quantizing to {quant}", k / len(quants))
             written.append(quantize_gguf(base, out_dir / gguf_file_name(name, quant), quant))
+            if verify is not None:
+                verify(written[-1], quant)
         if not keep_base:
             base.unlink()
         final: list[Path] = []

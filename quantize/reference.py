@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from merger.errors import GGUFError
-from merger.sources import TensorReader
+from merger.sources import TensorReader, read_local_headers
 from quantize.convert import check_convertible, stream_reason
 from quantize.rope import llama3_factors, rope_parameters, rope_type
 
-__all__ = ["reference_logits"]
+__all__ = ["cached_weights", "reference_logits"]
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -35,16 +35,29 @@ _ACTIVATIONS = {
 
 
 class _Weights:
-    """Reads one tensor at a time, as float32, from a local safetensors folder."""
+    """Reads one tensor at a time, as float32, from a local safetensors folder; `cache=True` keeps what it
+    read (for many forwards of a small model, e.g. greedy sampling)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cache: bool = False, device: torch.device | str = "cpu") -> None:
         self.reader = TensorReader(folder)
+        self.device = torch.device(device)
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.reader.headers
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.reader.read(name).to(torch.float32)
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        tensor = self.reader.read(name).to(self.device, torch.float32)
+        if self.cache is not None:
+            self.cache[name] = tensor
+        return tensor
+
+
+def cached_weights(model_dir: str | Path, device: torch.device | str = "cpu") -> _Weights:
+    """Weights kept in memory once read: pass as `weights=` to repeated reference_logits calls."""
+    return _Weights(Path(model_dir), cache=True, device=device)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -56,10 +69,10 @@ def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float, divisors: t
 
     `scale` divides positions (linear scaling), `divisors` each frequency (llama3 scaling)."""
     seq = x.shape[1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=x.device) / rot_dim))
     if divisors is not None:
-        inv_freq = inv_freq / divisors
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32) / scale, inv_freq)
+        inv_freq = inv_freq / divisors.to(x.device)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device) / scale, inv_freq)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
     half = rot_dim // 2
@@ -67,19 +80,28 @@ def _rope(x: torch.Tensor, rot_dim: int, theta: float, scale: float, divisors: t
     return torch.cat([rot * cos + rotated * sin, rest], -1)
 
 
-def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
-    """Float32 logits (seq, vocab) of the model in `model_dir` for token ids `ids` (no KV cache)."""
+TRANSFORMERS_MAX_PARAMS = 2_000_000_000  # families without our layer-by-layer forward load whole in transformers
+
+
+def reference_logits(model_dir: str | Path, ids: list[int], weights: _Weights | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Float32 logits (seq, vocab), on the CPU, of the model in `model_dir` for token ids `ids` (no KV cache),
+    computed on `device` (or that of `weights`)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     reason = check_convertible(config)
     if reason:
         raise GGUFError(reason.replace("GGUF export", "GGUF verification"))
     if stream_reason(config) is not None:
+        params = sum(h.numel for h in read_local_headers(model_dir).values())
+        if params > TRANSFORMERS_MAX_PARAMS:
+            raise GGUFError(f"no reference forward for {config.get('model_type')} above "
+                            f"{TRANSFORMERS_MAX_PARAMS / 1e9:.0f}B parameters (transformers would load the whole model)")
         return _transformers_logits(model_dir, ids)
     if config.get("model_type") == "phi-msft":
         raise GGUFError("GGUF verification needs the current Phi-2 layout (model.*), not phi-msft")
     kind = config["model_type"]
-    w = _Weights(model_dir)
+    w = weights or _Weights(model_dir, device=device)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
@@ -121,7 +143,7 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
         if config.get("attn_logit_softcapping"):
             cap = config["attn_logit_softcapping"]
             scores = torch.tanh(scores / cap) * cap
-        pos = torch.arange(seq)
+        pos = torch.arange(seq, device=x.device)
         allowed = pos[None, :] <= pos[:, None]
         window = config.get("sliding_window")
         if config.get("layer_types"):
@@ -147,7 +169,7 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
 
     try:
         embed = w["model.embed_tokens.weight"]
-        x = embed[torch.tensor(ids)]
+        x = embed[torch.tensor(ids, device=embed.device)]
         if gemma:
             x = x * torch.tensor(math.sqrt(hidden), dtype=torch.float32)
         for layer in range(config["num_hidden_layers"]):
@@ -169,7 +191,7 @@ def reference_logits(model_dir: str | Path, ids: list[int]) -> torch.Tensor:
         if config.get("final_logit_softcapping"):
             cap = config["final_logit_softcapping"]
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits.cpu()
     finally:
         w.reader.close()
 

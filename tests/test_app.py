@@ -237,7 +237,7 @@ def test_progress_and_log_rendering() -> None:
     snap = job.snapshot()
     assert snap.eta_seconds == pytest.approx(30, abs=0.5)
     html = demo.render_progress(snap)
-    assert "Step 2/6: download, 25%" in html and "250.0 MB / 1.0 GB" in html and "about 30s left" in html
+    assert "Step 2/7: download, 25%" in html and "250.0 MB / 1.0 GB" in html and "about 30s left" in html
     assert 'data-fraction="0.250"' in html
     job._on_event(Event("download", 0.5, "org/alpha-7b", 500_000_000, 1_000_000_000))
     job._on_event(Event("merge", 0.1, "model.embed_tokens.weight"))

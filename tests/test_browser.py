@@ -151,7 +151,7 @@ def test_demo_models_gallery_check_merge(page, served) -> None:  # noqa: ANN001
     assert len(set(fractions)) >= 2 and fractions == sorted(fractions), fractions
     result = page.locator("#result").inner_text()
     for name in ("model.safetensors", "config.json", "mergekit_config.yml", "README.md", "Q8_0.gguf",
-                 "loads in llama.cpp"):
+                 "✓ pass: vs safetensors model"):
         assert name in result
     assert "Q4_K_M" not in result
     assert "merge:" in page.locator("#log textarea").input_value()
@@ -210,3 +210,28 @@ def test_publish_to_local_hub(page, served, hub_server: HubServer) -> None:  # n
     assert "# demo-slerp" in card and "merge_method: slerp" in card and "- llm-merger" in card
     page.locator("#publish input").uncheck()
     shutil.rmtree(served[1].outputs_dir, ignore_errors=True)
+
+
+def test_chat_with_a_merged_gguf(page, served, tmp_path: Path) -> None:  # noqa: ANN001
+    """The chat panel: a GGUF file, a message, a streamed reply from llama.cpp under it."""
+    from quantize.llama import export_gguf
+
+    settings = served[1]
+    model = next(p for p in sorted(settings.demo_dir.iterdir()) if (p / "config.json").is_file())
+    gguf_path = export_gguf(model, tmp_path, "chat", None, ["Q8_0"])[0]
+    page.locator("#chat").get_by_text("Chat with the result").click()
+    page.locator("#chat-source textarea").fill(str(gguf_path))
+    page.locator("#chat-box textarea").fill("Hello there")
+    page.locator("#chat-box textarea").press("Enter")
+    page.wait_for_function("() => { const b = document.querySelector('#chatbot');"
+                           " return b && b.innerText.includes('Hello there') && b.querySelectorAll('.bot, "
+                           "[data-testid=bot]').length > 0; }")
+    page.wait_for_function("() => document.querySelector('#chat-status').innerText.trim() === ''")
+    page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+    page.locator("#chat-source textarea").fill(str(tmp_path / "missing.gguf"))
+    page.locator("#chat-box textarea").fill("again")
+    page.locator("#chat-box textarea").press("Enter")
+    try:
+        page.locator("#chat-status", has_text="no such GGUF file").wait_for()
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "chat-error.png"), full_page=True)

@@ -122,7 +122,7 @@ def test_run_push_gguf_then_reproduce_from_the_pushed_recipe(hub, hub_models, tm
     assert card.data.base_model_relation == "merge"
     assert {"merge", "mergekit", "ties", "gguf"} <= set(card.data.tags)
     assert "Q8_0" in card.text and "lm_eval" in card.text and "python -m merger run" in card.text
-    assert "max rel. error" in card.text  # the GGUF was loaded in llama.cpp and compared with the merge
+    assert "✓ pass: vs safetensors model: mean KLD" in card.text  # loaded in llama.cpp, measured against the merge
 
     for path in list(out.rglob("*")) + list(pulled.rglob("*")):
         if path.is_file():

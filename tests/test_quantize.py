@@ -354,7 +354,8 @@ def test_cli_writes_named_files_and_reports_errors_in_one_line(tiny: dict[str, P
     ok = subprocess.run([*run, str(tiny["phi"]), "--out", str(tmp_path), "--outtype", "q8_0", "--name", "merged"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == str(tmp_path / "merged-Q8_0.gguf")
+    assert ok.stdout.splitlines()[0] == str(tmp_path / "merged-Q8_0.gguf")
+    assert ok.stdout.splitlines()[1].startswith("verify merged-Q8_0.gguf: ✓ pass: vs safetensors model")
     bad = subprocess.run([*run, str(tiny["phi"]), "--out", str(tmp_path), "--quant", "IQ2_XS"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "importance matrix" in bad.stderr and "Traceback" not in bad.stderr

@@ -488,17 +488,22 @@ def render_outcome(snap: Snapshot) -> str:
     if o is None:
         return ""
     lines = [f"### ✓ Merged in {o.seconds:.1f} s", ""]
+    if o.verdict:
+        lines = [f"### ⚠ Merged in {o.seconds:.1f} s, but {o.verdict}", ""]
     lines += [f"Published: [{url}]({url})" for url in o.pushed]
     if o.out_dir is not None:
         lines.append(f"Files in `{o.out_dir}`:")
     lines += ["", "| file | size |", "|---|---|"]
     lines += [f"| `{_cell(name)}` | {human_bytes(size)} |" for name, size in o.files]
     if o.sanity:
-        lines += ["", "**GGUF sanity checks** (logits vs the merged model, perplexity, a sample generation)", "",
-                  "| file | result |", "|---|---|"]
+        lines += ["", "**GGUF verification** in llama.cpp (KL divergence and top-1 agreement against the "
+                      "reference, perplexity, a greedy sample)", "", "| file | result |", "|---|---|"]
         lines += [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in o.sanity.items()]
+    if o.quality:
+        lines += ["", "**Evaluation**: the merge against its parents", "",
+                  *[line for line in o.quality if not line.startswith("> **Warning")]]
     if o.warnings:
-        lines += ["", *[f"- ⚠ {_cell(w)}" for w in o.warnings]]
+        lines += ["", *[f"- ⚠ {_cell(w)}" for w in o.warnings if w != o.verdict]]
     return "\n".join(lines)
 
 
@@ -518,3 +523,20 @@ def recipe_status(text: str, *, allow_local: bool) -> str:
         return render_error(e)
     n = len(recipe.referenced_models())
     return f"✓ valid recipe: `{recipe.method}` of {n} model(s); press **Check** to inspect the models"
+
+
+def chat_source(snap: Snapshot | None, *, allow_local: bool) -> str:
+    """What to chat with after a run: the merged GGUF on disk (local mode), else the repo it was pushed to."""
+    from .chat import pick_gguf
+
+    o = snap.outcome if snap is not None else None
+    if o is None:
+        return ""
+    name = pick_gguf([f for f, _ in o.files])
+    if name is None:
+        return ""
+    if allow_local and o.out_dir is not None:
+        return str(o.out_dir / name)
+    gguf_repo = next((url for url in o.pushed if url.endswith("-GGUF")), o.pushed[0] if o.pushed else "")
+    return "/".join(gguf_repo.rstrip("/").split("/")[-2:]) if gguf_repo else ""
+

@@ -25,7 +25,7 @@ from ..pipeline import Event, RunOptions, RunResult, run
 from ..recipe import Recipe
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-STAGES = ("check", "download", "merge", "gguf", "verify", "upload")
+STAGES = ("check", "download", "merge", "gguf", "verify", "evaluate", "upload")
 MAX_LOG_LINES = 500
 MAX_JOBS_KEPT = 64
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class Outcome:
     warnings: tuple[str, ...]
     out_dir: Path | None  # None when the folder was removed after the push (Space mode)
     seconds: float
+    quality: tuple[str, ...] = ()  # the merge-vs-parents table (markdown lines)
+    verdict: str | None = None  # "this merge looks broken: ..." when it does
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ def read_outcome(result: RunResult, *, kept: bool) -> Outcome:
     readme = folder / "README.md"
     return Outcome(files, readme.read_text(encoding="utf-8") if readme.is_file() else "",
                    tuple(result.pushed), dict(result.sanity or {}), tuple(result.warnings),
-                   folder if kept else None, result.seconds)
+                   folder if kept else None, result.seconds,
+                   tuple(result.quality.markdown()) if result.quality else (),
+                   result.quality.verdict if result.quality else None)
 
 
 @dataclass
