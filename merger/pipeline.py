@@ -56,6 +56,8 @@ class RunOptions:
     overwrite_repo: bool = False
     allow_local: bool = True
     skip_check: bool = False
+    lineage: bool = True  # read the Hub parents' family tree into the card
+    remixed_from: str | None = None  # the Hub model whose recipe this one remixes, linked from the card
 
 
 @dataclass
@@ -244,6 +246,16 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
     return folders, parents
 
 
+def _lineage(recipe: Recipe, output_name: str, options: RunOptions) -> Any:
+    """The family tree of the new merge from its Hub parents' cards (None without Hub parents)."""
+    hub_parents = [ref.repo for ref in recipe.referenced_models() if not ref.local]
+    if not options.lineage or not hub_parents:
+        return None
+    from .lineage import merge_lineage
+
+    return merge_lineage(output_name, recipe.method, hub_parents, token=options.token)
+
+
 def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
     floats = [FLOAT_GGUF_TYPES[t] for t in types if t in FLOAT_GGUF_TYPES]
     quants = [t for t in types if t not in FLOAT_GGUF_TYPES]
@@ -277,6 +289,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
                for ref in recipe.referenced_models()]
     output_name = options.push or options.out_dir.name
+    tree = _lineage(recipe, output_name, options)
     ggufs: list[Path] = []
     sanity: dict[str, str] = {}
 
@@ -306,7 +319,8 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         card = build_card(recipe, parents=parents, output_name=output_name,
                           gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
                           gguf_repo=(f"{options.push}-GGUF" if options.push and options.gguf_repo else None),
-                          sanity=sanity or None, seed=options.seed)
+                          sanity=sanity or None, seed=options.seed, lineage=tree,
+                          remixed_from=options.remixed_from)
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         return files + ["README.md"]
 
