@@ -164,9 +164,10 @@ def test_lineage_svg_is_offline_markup_with_methods_on_edges(family: HubServer) 
     assert len(edges) == 6
     labels = sorted(e.find("s:text", ns).text for e in edges)
     assert labels == ["dare_ties", "dare_ties", "finetune", "finetune", "slerp", "slerp"]
-    for edge in edges:  # every arrow points down, from the parent's row to its child's row
-        line = edge.find("s:line", ns)
-        assert float(line.get("y1")) < float(line.get("y2"))
+    top = {a.get("data-repo"): float(a.find("s:rect", ns).get("y")) for a in nodes}
+    for edge in edges:  # every parent is drawn above its child
+        assert top[edge.get("data-parent")] < top[edge.get("data-child")]
+    assert top["meta/base"] < top["org/chat"] < top["acme/merge1"] < top["acme/merge2"]
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert 'stroke-dasharray' in html  # the unreadable parent is drawn dashed
 

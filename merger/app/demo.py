@@ -366,7 +366,7 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     name = (repo_name or "").strip() or default_repo_name(text)
     push = publish_target(name, token) if publish else None
     if push:
-        from .hub import validate_repo_id
+        from ..hub import validate_repo_id
 
         validate_repo_id(push)
     if settings.space:

@@ -44,11 +44,13 @@ def render_svg(tree: Lineage) -> str:
     deepest = max(rows)
     widths = {r: max(90.0, len(_short(r)) * CHAR_W + 20) for r in tree.nodes}
     row_widths = {d: sum(widths[r] for r in repos) + COL_GAP * (len(repos) - 1) for d, repos in rows.items()}
-    width = max(row_widths.values()) + 2 * MARGIN
+    spans = [levels[e.child] + 1 < levels[e.parent] for e in tree.edges if e.parent in levels and e.child in levels]
+    bend = max(widths.values()) / 2 + 40 if any(spans) else 0.0  # edges that skip a row curve out to the right
+    width = max(row_widths.values()) + 2 * MARGIN + bend
     height = (deepest + 1) * NODE_H + deepest * ROW_GAP + 2 * MARGIN
     boxes: dict[str, tuple[float, float, float]] = {}  # repo -> (x, y, w)
     for depth, repos in rows.items():
-        x = (width - row_widths[depth]) / 2
+        x = (width - bend - row_widths[depth]) / 2
         y = MARGIN + (deepest - depth) * (NODE_H + ROW_GAP)
         for repo in repos:
             boxes[repo] = (x, y, widths[repo])
@@ -64,15 +66,22 @@ def render_svg(tree: Lineage) -> str:
         px, py, pw = boxes[edge.parent]
         cx, cy, cw = boxes[edge.child]
         x1, y1, x2, y2 = px + pw / 2, py + NODE_H, cx + cw / 2, cy
-        if y2 <= y1:  # a parent drawn at or below its child (the same model reached twice): draw sideways
+        if y2 <= y1:  # a parent drawn at or below its child (a cycle in the cards): draw sideways
             y1, y2 = py + NODE_H / 2, cy + NODE_H / 2
-        lx, ly = x1 + (x2 - x1) * LABEL_AT, y1 + (y2 - y1) * LABEL_AT
+        if levels[edge.child] + 1 < levels[edge.parent]:  # skips rows: a curve beside the nodes in between
+            x1, x2 = px + pw, cx + cw
+            dx = bend
+            shape = (f'<path d="M{x1:.1f},{py + NODE_H / 2:.1f} C{x1 + dx:.1f},{py + NODE_H / 2:.1f} '
+                     f'{x2 + dx:.1f},{cy + NODE_H / 2:.1f} {x2:.1f},{cy + NODE_H / 2:.1f}" fill="none" ')
+            lx, ly = (x1 + x2) / 2 + 0.75 * dx, (py + cy + NODE_H) / 2
+        else:
+            shape = f'<path d="M{x1:.1f},{y1:.1f} L{x2:.1f},{y2:.1f}" fill="none" '
+            lx, ly = x1 + (x2 - x1) * LABEL_AT, y1 + (y2 - y1) * LABEL_AT
         label = html.escape(edge.label)
         lw = len(edge.label) * 6.6 + 10
         out += [f'<g class="lineage-edge" data-parent="{html.escape(edge.parent)}" '
                 f'data-child="{html.escape(edge.child)}">',
-                f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="#6b7280" '
-                f'stroke-width="1.4" marker-end="url(#lineage-arrow)"/>',
+                shape + 'stroke="#6b7280" stroke-width="1.4" marker-end="url(#lineage-arrow)"/>',
                 f'<rect x="{lx - lw / 2:.1f}" y="{ly - 9:.1f}" width="{lw:.1f}" height="18" rx="4" fill="#fef3c7" '
                 'stroke="#d97706" stroke-width="0.8"/>',
                 f'<text class="lineage-method" x="{lx:.1f}" y="{ly + 4:.1f}" text-anchor="middle" '
