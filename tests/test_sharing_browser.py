@@ -110,3 +110,30 @@ def test_publish_recipe_then_community_gallery(page, served, shared, hub_server:
     choice.click()
     page.wait_for_function("document.querySelector('#editor .cm-content').innerText.includes('merge_method: ties')")
     page.screenshot(path=str(ARTIFACTS / "sharing-community-gallery.png"), full_page=True)
+
+
+def test_merge_of_a_remix_publishes_a_card_that_links_its_source(page, served, hub_server: HubServer,  # noqa: ANN001, F811
+                                                                 tiny) -> None:  # noqa: ANN001
+    """A real merge from a deep link: the parents are pinned and the published card says what it remixes."""
+    from tests.test_browser import _set_quants, _wait_status
+
+    url = served[0]
+    shas = {"acme/tbase": hub_server.upload_folder(tiny["base"], "acme/tbase"),
+            "acme/tchat": hub_server.upload_folder(tiny["chat"], "acme/tchat")}
+    text = RECIPE.replace("acme/base", "acme/tbase").replace("acme/chat", "acme/tchat")
+    card = build_card(parse_recipe(text), parents=[ParentInfo(r, s, "apache-2.0") for r, s in shas.items()],
+                      output_name="acme/tmerged")
+    publish_model(hub_server, "acme/tmerged", readme=str(card), recipe=text)
+    _open(page, f"{url}/?from=acme/tmerged")
+    page.wait_for_function(f"document.querySelector('#editor .cm-content').innerText.includes('acme/tchat@{shas['acme/tchat']}')")
+    page.locator("#publish input").check()
+    page.locator("#repo-name textarea, #repo-name input").first.fill("alice/tmerged-remix")
+    _set_quants(page, set())
+    page.click("#merge")
+    _wait_status(page, "done")
+    published = hub_server.file_bytes("alice/tmerged-remix", "README.md").decode()
+    assert "Remixed from [acme/tmerged](https://huggingface.co/acme/tmerged)" in published
+    assert "## Lineage" in published and "- [acme/tchat](https://huggingface.co/acme/tchat) (ties)" in published
+    assert f"acme/tchat@{shas['acme/tchat']}" in hub_server.file_bytes("alice/tmerged-remix",
+                                                                        "mergekit_config.yml").decode()
+    page.locator("#publish input").uncheck()
