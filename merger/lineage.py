@@ -83,11 +83,10 @@ def card_facts(repo: str, *, token: str | None = None, revision: str | None = No
     method = next((t for t in info.tags or () if t in METHODS), None)
     revisions: dict[str, str] = {}
     files = {s.rfilename for s in info.siblings or ()}
-    if relation == "merge" or RECIPE_FILE in files:
-        recipe = _read(repo, RECIPE_FILE, str(info.sha), files, token) if RECIPE_FILE in files else None
-        if recipe:
-            method = method or _recipe_method(recipe)
-            revisions.update(pins_in_recipe(recipe))
+    recipe = _read(repo, RECIPE_FILE, str(info.sha), files, token)
+    if recipe:
+        method = method or _recipe_method(recipe)
+        revisions.update(pins_in_recipe(recipe))
     readme = _read(repo, "README.md", str(info.sha), files, token) if parents else None
     if readme:
         revisions.update({r: s for r, s in revisions_in_card(readme).items() if r in parents})

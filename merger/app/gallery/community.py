@@ -7,6 +7,7 @@ cannot be read leaves the gallery with the shipped examples and one line saying 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -28,8 +29,6 @@ _entries: dict[str, GalleryEntry] = {}  # every community entry seen, by key, fo
 def load_community(dataset: str, *, token: str | None = None,
                    clock: Callable[[], float] = time.monotonic) -> tuple[GalleryEntry, ...]:
     """The dataset's recipes as gallery entries (title and description from each file's header)."""
-    import hashlib
-
     key = (dataset, hashlib.sha256((token or "").encode()).hexdigest()[:16])
     now = clock()
     with _lock:
