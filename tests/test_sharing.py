@@ -327,7 +327,16 @@ def test_gallery_reads_merged_community_recipes(dataset: HubServer) -> None:
         (f"community:{done.path}", "Seventy thirty (community)", "For two close fine-tunes.")]
     assert entries[0].text.endswith(text)
     assert gallery_entry(f"community:{done.path}") == entries[0]
-    assert safe_load_community("nobody/absent")[1].startswith("Community recipes from nobody/absent are not available")
+    clock = Clock()
+    calls = dataset.stats.requests["dataset_info"]
+    assert safe_load_community("nobody/absent", clock=clock)[1].startswith(
+        "Community recipes from nobody/absent are not available")
+    assert dataset.stats.requests["dataset_info"] == calls + 1
+    safe_load_community("nobody/absent", clock=clock)  # a failure is remembered: no new request
+    assert dataset.stats.requests["dataset_info"] == calls + 1
+    clock.now += 301
+    safe_load_community("nobody/absent", clock=clock)
+    assert dataset.stats.requests["dataset_info"] == calls + 2
 
 
 def test_recipes_dataset_setting() -> None:

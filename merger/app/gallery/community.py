@@ -24,6 +24,7 @@ KEY_PREFIX = "community:"
 _lock = threading.Lock()
 _cache: dict[tuple[str, str], tuple[float, tuple[GalleryEntry, ...]]] = {}
 _entries: dict[str, GalleryEntry] = {}  # every community entry seen, by key, for gallery_entry()
+_failures: dict[tuple[str, str], tuple[float, str]] = {}  # (dataset, token hash) -> (when, why) of a failed read
 
 
 def load_community(dataset: str, *, token: str | None = None,
@@ -50,6 +51,7 @@ def community_entry(key: str) -> GalleryEntry | None:
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
+        _failures.clear()
 
 
 def _read(dataset: str, token: str | None) -> tuple[GalleryEntry, ...]:
@@ -78,9 +80,22 @@ def _read(dataset: str, token: str | None) -> tuple[GalleryEntry, ...]:
     return tuple(entries)
 
 
-def safe_load_community(dataset: str, *, token: str | None = None) -> tuple[tuple[GalleryEntry, ...], str]:
-    """(entries, note): the note says why none could be read (offline, no such dataset), else it is empty."""
+def safe_load_community(dataset: str, *, token: str | None = None,
+                        clock: Callable[[], float] = time.monotonic) -> tuple[tuple[GalleryEntry, ...], str]:
+    """(entries, note): the note says why none could be read (offline, no such dataset), else it is empty.
+
+    A failure is remembered for CACHE_SECONDS too, so an offline app does not retry on every page load.
+    """
+    key = (dataset, hashlib.sha256((token or "").encode()).hexdigest()[:16])
+    now = clock()
+    with _lock:
+        failed = _failures.get(key)
+        if failed and now - failed[0] < CACHE_SECONDS:
+            return (), failed[1]
     try:
-        return load_community(dataset, token=token), ""
+        return load_community(dataset, token=token, clock=clock), ""
     except MergerError as e:
-        return (), f"Community recipes from {dataset} are not available: {e}"
+        note = f"Community recipes from {dataset} are not available: {e}"
+        with _lock:
+            _failures[key] = (now, note)
+        return (), note
