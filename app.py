@@ -32,6 +32,9 @@ from merger.errors import MergerError  # noqa: E402
 from merger.app.chat import ChatSessions, resolve_gguf  # noqa: E402
 from merger.app.gallery import gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
 from merger.app.runs import RunQueue  # noqa: E402
+from merger.app import browser, remix, share  # noqa: E402
+from merger.app.gallery.community import KEY_PREFIX as COMMUNITY_PREFIX, safe_load_community  # noqa: E402
+from merger.app.lineage import render_svg  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
 
 CSS = """
@@ -87,6 +90,8 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         return from_method("\n".join(demo.models_for_method(demo_models, method)), method, profile)
 
     def from_gallery(key: str, models_text: str, profile: gr.OAuthProfile | None):  # noqa: ANN202
+        if key.startswith(COMMUNITY_PREFIX):  # a community recipe names its own models: load it as shared
+            return recipe_update(gallery_entry(key).text, profile)
         models = [m.strip() for m in (models_text or "").splitlines() if m.strip()]
         models += [m for m in demo_models if m not in models]  # locally, the demo models fill any gap
         return recipe_update(demo.gallery_recipe(gallery_entry(key).text, models), profile)
@@ -119,7 +124,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         return job.job_id, demo.render_progress(job.snapshot())
 
     def run_merge(job_id: str, text: str, repo_name: str, private: bool, publish: bool, quants: list[str],
-                  oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
+                  remix_of: dict | None, oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
         """Start the job when the queue gives it its turn, then stream its progress and result."""
         job = jobs.get(job_id) or jobs.new_job()
         try:
@@ -130,6 +135,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
             job.cancel()
             yield "", "", demo.render_error(e), ""
             return
+        request = remix.apply_remix(request, remix_of, text)
         job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep,
                   cache_dir=request.cache_dir)
         for snap in demo.follow(job):
@@ -165,6 +171,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         job_id = gr.State("")
+        remix_of = gr.State(None)  # {"source": repo, "models": [...], "text": recipe} after a remix
         with gr.Row():
             gr.Markdown(f"# {TITLE}\n" + (
                 "Sign in to use your own Hugging Face account for downloads and publishing. To publish into "
@@ -231,13 +238,146 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         check_button.click(check, [editor, quants], [report, status], concurrency_id="check",
                            concurrency_limit=4, api_name="check")
         merge_button.click(register, None, [job_id, progress], queue=False).then(
-            run_merge, [job_id, editor, repo_name, private, publish, quants], [progress, log, result, card],
+            run_merge, [job_id, editor, repo_name, private, publish, quants, remix_of], [progress, log, result, card],
             concurrency_id="merge", concurrency_limit=1, api_name="merge")
         cancel_button.click(cancel, [job_id], [report], queue=False)
         result.change(chat_target, [job_id], [chat_source], queue=False)
         chat_box.submit(chat_send, [chat_source, chatbot, chat_box], [chatbot, chat_box, chat_status],
                         concurrency_id="chat", concurrency_limit=2)
+        _community_panel(settings, app, recipe_update, recipe_outputs, editor, gallery_pick, remix_of)
     return app
+
+
+RECIPE_BROWSER = browser.RecipeBrowser()  # one cache for every visitor (keyed by query and token)
+
+
+def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_outputs: list,  # noqa: ANN001
+                     editor: gr.Code, gallery_pick: gr.Radio, remix_of: gr.State) -> None:
+    """Browse merged models on the Hub, remix one, see its family tree, share or publish a recipe."""
+    dataset = share.recipes_dataset()
+    gallery_items = [(e.title, e.key) for e in load_gallery()]
+
+    def search(text: str, base: str, arch: str, size: str, method: str, sort: str,
+               oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        query = browser.RecipeQuery(text or "", base or "", arch or "", size, method or "", sort)
+        try:
+            rows = RECIPE_BROWSER.search(query, token=_token(settings, oauth_token))
+        except MergerError as e:
+            return gr.skip(), gr.skip(), demo.render_error(e)
+        found = f"{len(rows)} merged model(s) with a recipe." if rows else "No merged model matches these filters."
+        return [r.cells() for r in rows], [r.repo for r in rows], found
+
+    def pick(repos: list[str], evt: gr.SelectData) -> str:
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return repos[row] if repos and 0 <= row < len(repos) else gr.skip()
+
+    def load_remix(repo: str, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        try:
+            made = remix.remix(repo or "", token=_token(settings, oauth_token), username=_username(profile))
+        except MergerError as e:
+            return (gr.skip(),) * 6 + (demo.render_error(e),)
+        text, models, method_value, _, status = recipe_update(made.text, profile)
+        return text, models, method_value, made.repo_name, f"{status}\n\n{made.status()}", made.state(), made.status()
+
+    def family(repo: str, oauth_token: gr.OAuthToken | None) -> str:
+        from merger.lineage import family_tree
+
+        try:
+            ref = (repo or "").strip()
+            if not ref:
+                raise MergerError("pick a model in the results (or type org/name) first")
+            return render_svg(family_tree([ref], token=_token(settings, oauth_token)))
+        except MergerError as e:
+            return f"<p>{demo.render_error(e)}</p>"
+
+    def share_recipe(text: str, state: dict | None, request: gr.Request) -> tuple[str, str]:
+        base = share.base_url(dict(request.headers) if request else {})
+        try:
+            if remix.unchanged(state, text):
+                return share.model_link(base, state["source"]), "A link to the published model's recipe."
+            return share.recipe_link(base, text), "The recipe itself travels in the link."
+        except MergerError as e:
+            return "", demo.render_error(e)
+
+    def share_model(repo: str, request: gr.Request) -> tuple[str, str]:
+        try:
+            return share.model_link(share.base_url(dict(request.headers) if request else {}), repo or ""), ""
+        except MergerError as e:
+            return "", demo.render_error(e)
+
+    def publish_recipe(text: str, title: str, description: str, oauth_token: gr.OAuthToken | None) -> str:
+        try:
+            done = share.publish_recipe(text, title, description, token=_token(settings, oauth_token),
+                                        dataset=dataset)
+        except MergerError as e:
+            return demo.render_error(e)
+        return (f"Pull request opened on [{done.dataset}]({done.pr_url}): [{done.pr_url}]({done.pr_url}). "
+                f"Once a maintainer merges it, `{done.path}` appears in everyone's gallery.")
+
+    def open_link(request: gr.Request, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        params = dict(request.query_params) if request else {}
+        try:
+            link = share.parse_link(params)
+        except MergerError as e:
+            return (gr.skip(),) * 6 + (demo.render_error(e),)
+        if link is None:
+            return (gr.skip(),) * 7
+        if link.model:
+            return load_remix(link.model, profile, oauth_token)
+        return (*recipe_update(link.recipe, profile), None, "Recipe opened from a shared link.")
+
+    def refresh_gallery(oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        entries, note = safe_load_community(dataset, token=_token(settings, oauth_token))
+        return gr.Radio(choices=gallery_items + [(e.title, e.key) for e in entries]), note or (
+            f"{len(entries)} community recipe(s) from [{dataset}](https://huggingface.co/datasets/{dataset}).")
+
+    with gr.Accordion("Community: browse, remix and share recipes on the Hub", open=False,
+                      elem_id="community"):
+        with gr.Row():
+            query = gr.Textbox(label="Search model names", elem_id="browse-search", scale=2)
+            base = gr.Textbox(label="Base model (org/name)", elem_id="browse-base", scale=2)
+            arch = gr.Textbox(label="Architecture (model_type, e.g. llama)", elem_id="browse-arch", scale=1)
+        with gr.Row():
+            size = gr.Dropdown(label="Size", choices=list(browser.SIZES), value="any size", elem_id="browse-size")
+            method = gr.Dropdown(label="Method", choices=[("any", "")] + [(m, m) for m in METHODS], value="",
+                                 elem_id="browse-method")
+            sort = gr.Radio(label="Sort by", choices=list(browser.SORTS), value="likes", elem_id="browse-sort")
+            search_button = gr.Button("Search the Hub", elem_id="browse-go")
+        found = gr.Markdown(elem_id="browse-status")
+        results = gr.Dataframe(headers=browser.COLUMNS, interactive=False, elem_id="browse-results", wrap=True)
+        repos = gr.State([])
+        with gr.Row():
+            chosen = gr.Textbox(label="Model (click a row, or type org/name)", elem_id="community-model", scale=3)
+            remix_button = gr.Button("Remix", variant="primary", elem_id="remix", scale=1)
+            tree_button = gr.Button("Family tree", elem_id="lineage-button", scale=1)
+            link_button = gr.Button("Link to this model", elem_id="model-link", scale=1)
+        note = gr.Markdown(elem_id="community-note")
+        tree = gr.HTML(elem_id="lineage")
+        gr.Markdown("**Share the recipe in the editor**: a link opens this app with it; *Publish recipe* "
+                    f"proposes it to the community dataset [{dataset}](https://huggingface.co/datasets/{dataset}) "
+                    "as a pull request (set `MERGER_RECIPES_DATASET` to use another).")
+        with gr.Row():
+            share_button = gr.Button("Share", elem_id="share")
+            link = gr.Textbox(label="Link", buttons=["copy"], elem_id="share-link", scale=3)
+        with gr.Row():
+            title = gr.Textbox(label="Title", elem_id="recipe-title", scale=2)
+            description = gr.Textbox(label="Description (when to use it)", elem_id="recipe-description", scale=3)
+            publish_button = gr.Button("Publish recipe", elem_id="publish-recipe", scale=1)
+        published = gr.Markdown(elem_id="publish-result")
+        gallery_note = gr.Markdown(elem_id="community-gallery")
+
+    search_button.click(search, [query, base, arch, size, method, sort], [results, repos, found],
+                        concurrency_id="check", concurrency_limit=4)
+    results.select(pick, [repos], [chosen], queue=False)
+    remix_outputs = [*recipe_outputs, remix_of, note]
+    remix_button.click(load_remix, [chosen], remix_outputs, concurrency_id="check", concurrency_limit=4)
+    tree_button.click(family, [chosen], [tree], concurrency_id="check", concurrency_limit=4)
+    link_button.click(share_model, [chosen], [link, note], queue=False)
+    share_button.click(share_recipe, [editor, remix_of], [link, note], queue=False)
+    publish_button.click(publish_recipe, [editor, title, description], [published], concurrency_id="check",
+                         concurrency_limit=4)
+    app.load(open_link, None, remix_outputs)
+    app.load(refresh_gallery, None, [gallery_pick, gallery_note])
 
 
 def main(**launch: Any) -> None:

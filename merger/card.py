@@ -11,7 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
@@ -19,6 +19,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from .errors import RecipeError
 from .methods import get_method
 from .recipe import InputModel, ModelRef, Recipe
+
+if TYPE_CHECKING:
+    from .lineage import Lineage
 
 RECIPE_FILE = "mergekit_config.yml"
 TOOL_TAG = "llm-merger"  # marks repos made by this tool (with RECIPE_FILE), so re-pushes may update them
@@ -248,8 +251,12 @@ def _rewrite_snapshot_paths(text: str) -> tuple[str, set[ModelRef]]:
 def build_card(recipe: Recipe, *, parents: Sequence[ParentInfo], output_name: str,
                gguf_files: Sequence[GGUFFileInfo] = (), gguf_repo: str | None = None,
                sanity: Mapping[str, Any] | None = None, seed: int | None = None,
-               evaluation: Sequence[str] | None = None) -> ModelCard:
-    """The README.md of a merged model. `output_name` is its repo id (`user/name`) or a local name."""
+               lineage: "Lineage | None" = None, remixed_from: str | None = None) -> ModelCard:
+    """The README.md of a merged model. `output_name` is its repo id (`user/name`) or a local name.
+
+    `lineage` (merger.lineage.merge_lineage) adds the family tree; `remixed_from` links the model whose
+    recipe this merge was remixed from.
+    """
     method = get_method(recipe.method)
     by_repo = {p.repo: p for p in parents}
     hub_parents = [p.repo for p in parents if not p.local]
@@ -267,12 +274,16 @@ def build_card(recipe: Recipe, *, parents: Sequence[ParentInfo], output_name: st
     body = [f"# {name}", "",
             f"A merge of {len(recipe.referenced_models())} pre-trained language models, made from a mergekit "
             f"recipe with the [{method.pretty_name}]({method.paper}) method, which {sentence}.", ""]
+    if remixed_from:
+        body += [f"Remixed from {_hub_link(remixed_from)}: its recipe, edited and merged again.", ""]
     if conflict:
         body += [f"> **Licence warning:** {conflict}.", ""]
     body += ["## Merged models", ""] + _parents_table(recipe, by_repo) + [""]
     settings = _settings_line(recipe)
     if settings:
         body += [settings, ""]
+    if lineage is not None and lineage.edges:
+        body += lineage_section(lineage) + [""]
     body += ["## Recipe", "", f"The recipe, also in [`{RECIPE_FILE}`]({RECIPE_FILE}):", "", "```yaml",
              recipe.text.rstrip("\n"), "```", ""]
     if gguf_files:
@@ -435,4 +446,33 @@ def _gguf_usage(files: Sequence[GGUFFileInfo], repo: str | None) -> list[str]:
     return (["With llama.cpp:", "", "```bash", cli, "```", "", "With llama-cpp-python:", "", "```python",
              "from llama_cpp import Llama", ""] + load +
             ['print(llm("The capital of France is", max_tokens=32)["choices"][0]["text"])', "```", ""])
+
+
+# ---------------------------------------------------------------- lineage (family tree)
+
+def lineage_section(tree: "Lineage") -> list[str]:
+    """The family tree as a nested list: each parent with how it went into its child, grandparents below."""
+    lines = ["## Lineage", "", "How this model came to be, read from its parents' model cards (each entry: the "
+             "model, and the method or relation by which it went into the entry above it):", ""]
+    shown: set[str] = set()
+
+    def walk(child: str, indent: int) -> None:
+        for edge in tree.parents(child):
+            node = tree.nodes.get(edge.parent)
+            note = f" — {node.unavailable}" if node is not None and node.unavailable else ""
+            again = edge.parent in shown
+            lines.append(f"{'  ' * indent}- {_hub_link(edge.parent)} ({edge.label}){' (see above)' if again else note}")
+            if not again:
+                shown.add(edge.parent)
+                walk(edge.parent, indent + 1)
+
+    for root in tree.roots:
+        walk(root, 0)
+    if tree.truncated:
+        lines += ["", "The tree stops at its size limit; older ancestors are on the listed models' pages."]
+    return lines
+
+
+def _hub_link(repo: str) -> str:
+    return f"[{repo}](https://huggingface.co/{repo})"
 

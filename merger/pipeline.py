@@ -61,6 +61,8 @@ class RunOptions:
     evaluate: bool = True  # perplexity of the merge and of each parent, samples, the "looks broken" verdict
     drop_failing_gguf: bool = False  # a GGUF file that fails verification is kept out instead of failing the run
     eval_tokens: int = 256  # token budget of GGUF verification and of the evaluation
+    lineage: bool = True  # read the Hub parents' family tree into the card
+    remixed_from: str | None = None  # the Hub model whose recipe this one remixes, linked from the card
 
 
 @dataclass
@@ -271,6 +273,16 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
     return folders, parents
 
 
+def _lineage(recipe: Recipe, output_name: str, options: RunOptions) -> Any:
+    """The family tree of the new merge from its Hub parents' cards (None without Hub parents)."""
+    hub_parents = [ref.repo for ref in recipe.referenced_models() if not ref.local]
+    if not options.lineage or not hub_parents:
+        return None
+    from .lineage import merge_lineage
+
+    return merge_lineage(output_name, recipe.method, hub_parents, token=options.token)
+
+
 def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
     floats = [FLOAT_GGUF_TYPES[t] for t in types if t in FLOAT_GGUF_TYPES]
     quants = [t for t in types if t not in FLOAT_GGUF_TYPES]
@@ -313,6 +325,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
 
     parents = [parent(ref) for ref in recipe.referenced_models()]
     output_name = options.push or options.out_dir.name
+    tree = _lineage(recipe, output_name, options)
     ggufs: list[Path] = []
     sanity: dict[str, str] = {}
     warnings: list[str] = []
@@ -373,7 +386,8 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                           gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
                           gguf_repo=(f"{options.push}-GGUF" if options.push and options.gguf_repo else None),
                           sanity=sanity or None, seed=options.seed,
-                          evaluation=quality[0].markdown() if quality else None)
+                          evaluation=quality[0].markdown() if quality else None, lineage=tree,
+                          remixed_from=options.remixed_from)
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         return files + ["README.md"]
 

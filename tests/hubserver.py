@@ -34,7 +34,7 @@ import yaml
 
 KINDS = ("whoami", "create", "delete", "info", "tree", "paths_info", "resolve_head", "resolve_get",
          "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search",
-         "auth_check")
+         "auth_check", "dataset_info")
 FAULTS = ("unauthorized", "forbidden", "gated", "repo_not_found", "entry_not_found", "revision_not_found",
           "conflict", "rate_limit", "server_error", "drop", "bad_request", "legal")
 WRITE_ROLES = ("admin", "write", "contributor")
@@ -114,10 +114,12 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
+    likes: int = 0
+    downloads: int = 0
 
     @property
     def namespace(self) -> str:
-        return self.repo_id.split("/")[0]
+        return self.repo_id.split("/")[-2]  # dataset repos are keyed "datasets/<namespace>/<name>"
 
     def head(self, branch: str = "main") -> Commit:
         return self.commits[self.branches[branch]]
@@ -205,6 +207,7 @@ class HubServer:
         self._clock = itertools.count()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.pulls: dict[str, list[PullRequest]] = {}  # repo key -> its pull requests, numbered from 1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -300,6 +303,48 @@ class HubServer:
             sha = repo.commits[sha].parent
         return out
 
+    # ------------------------------------------------------------------ community sharing: popularity, PRs
+
+    def set_popularity(self, repo_id: str, *, likes: int = 0, downloads: int = 0) -> None:
+        """What list_models sorts by besides dates (a new repo has none)."""
+        with self.lock:
+            self.repos[repo_id].likes, self.repos[repo_id].downloads = likes, downloads
+
+    def pull_requests(self, repo_key: str) -> list["PullRequest"]:
+        """Pull requests of a repo ("datasets/<ns>/<name>" for a dataset), oldest first."""
+        with self.lock:
+            return list(self.pulls.get(repo_key, ()))
+
+    def pr_files(self, repo_key: str, num: int) -> dict[str, bytes]:
+        """The files of a pull request's head."""
+        repo = self.repos[repo_key]
+        return {p: b.data for p, b in repo.head(f"refs/pr/{num}").files.items()}
+
+    def merge_pull(self, repo_key: str, num: int) -> str:
+        """Merge a pull request into main, as its maintainer would on the Hub; returns the new main sha."""
+        with self.lock:
+            repo = self.repos[repo_key]
+            pull = self.pulls[repo_key][num - 1]
+            tree = dict(repo.head().files)
+            base = repo.commits[pull.base]
+            head = repo.head(pull.ref)
+            for path in set(base.files) | set(head.files):  # the PR's changes, applied onto today's main
+                if path not in head.files:
+                    tree.pop(path, None)
+                elif base.files.get(path) != head.files[path]:
+                    tree[path] = head.files[path]
+            pull.status = "merged"
+            return self._commit(repo, tree, f"Merge pull request #{num}: {pull.title}").sha
+
+    def _open_pull(self, repo: Repo, tree: Mapping[str, Blob], title: str, description: str, author: str,
+                   *, base: str) -> "PullRequest":
+        with self.lock:
+            pulls = self.pulls.setdefault(repo.repo_id, [])
+            pull = PullRequest(len(pulls) + 1, title, description, author, repo.branches[base])
+            self._commit(repo, tree, title, branch=pull.ref, parent=pull.base)
+            pulls.append(pull)
+            return pull
+
     # ------------------------------------------------------------------ faults
 
     def inject(self, kind: str, fault: str, *, times: int | None = 1, retry_after: int = 1,
@@ -328,17 +373,19 @@ class HubServer:
 
     # ------------------------------------------------------------------ internals
 
-    def _now(self) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    def _now(self) -> str:  # microseconds, so "sort by recency" orders commits made within one second
+        now = time.time()
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
-    def _commit(self, repo: Repo, tree: Mapping[str, Blob], message: str) -> Commit:
-        parent = repo.branches.get("main")
+    def _commit(self, repo: Repo, tree: Mapping[str, Blob], message: str, branch: str = "main",
+                parent: str | None = None) -> Commit:
+        parent = parent or repo.branches.get("main")
         listing = json.dumps({p: b.oid for p, b in sorted(tree.items())}).encode()
         sha = hashlib.sha1(b"%s\n%s\n%s\n%d" % ((parent or "").encode(), listing, message.encode(),
                                                  next(self._clock))).hexdigest()
         commit = Commit(sha, parent, dict(tree), message, self._now())
         repo.commits[sha] = commit
-        repo.branches["main"] = sha
+        repo.branches[branch] = sha
         return commit
 
     def _can_read(self, repo: Repo, token: Token | None) -> bool:
@@ -473,7 +520,206 @@ def validate_card_metadata(content: str) -> tuple[list[str], list[str]]:
     return errors, []
 
 
-class _Handler(BaseHTTPRequestHandler):
+# ====================================================================== community sharing
+# What the recipe browser, the lineage reader and "Publish recipe" call: list_models with tag filters,
+# parameter-count ranges, sort keys and expanded fields; dataset repos (info, tree, files, commits);
+# commits with create_pr=1 (opened by any signed-in user, on refs/pr/N).
+
+@dataclass
+class PullRequest:
+    num: int
+    title: str
+    description: str
+    author: str
+    base: str  # the commit the pull request was opened against
+    status: str = "open"
+
+    @property
+    def ref(self) -> str:
+        return f"refs/pr/{self.num}"
+
+
+_SORT_KEYS = {"likes": lambda r, c: r.likes, "downloads": lambda r, c: r.downloads,
+              "lastModified": lambda r, c: c.date, "createdAt": lambda r, c: r.created_at,
+              "trendingScore": lambda r, c: r.likes}
+_PARAM_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+_DTYPE_NAMES = {"F64": "F64", "F32": "F32", "F16": "F16", "BF16": "BF16", "I64": "I64", "I32": "I32",
+                "I16": "I16", "I8": "I8", "U8": "U8", "BOOL": "BOOL"}
+
+
+def hub_tags(commit: Commit) -> list[str]:
+    """The tags the Hub derives for a model: card tags, library, format, model_type, task, licence, lineage."""
+    card = _card_data(commit.files.get("README.md"))
+    tags = [t for t in card.get("tags") or [] if isinstance(t, str)] if isinstance(card.get("tags"), list) else []
+    derived: list[str] = []
+    if isinstance(card.get("library_name"), str):
+        derived.append(card["library_name"])
+    if any(p.endswith(".safetensors") for p in commit.files):
+        derived.append("safetensors")
+    config = commit.files.get("config.json")
+    if config is not None:
+        try:
+            model_type = json.loads(config.data).get("model_type")
+        except ValueError:
+            model_type = None
+        if isinstance(model_type, str):
+            derived.append(model_type)
+    if isinstance(card.get("pipeline_tag"), str):
+        derived.append(card["pipeline_tag"])
+    bases = card.get("base_model")
+    bases = [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else []
+    relation = card.get("base_model_relation") or ("merge" if len(bases) > 1 else "finetune")
+    for base in bases:
+        derived += [f"base_model:{base}", f"base_model:{relation}:{base}"]
+    licenses = card.get("license")
+    for lic in [licenses] if isinstance(licenses, str) else licenses if isinstance(licenses, list) else []:
+        derived.append(f"license:{lic}")
+    return list(dict.fromkeys(tags + derived))
+
+
+def safetensors_parameters(commit: Commit) -> dict[str, int]:
+    """Parameters per dtype summed over the safetensors files' headers (what the Hub shows as the size)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for path, blob in commit.files.items():
+        if not path.endswith(".safetensors") or len(blob.data) < 8:
+            continue
+        n = int.from_bytes(blob.data[:8], "little")
+        try:
+            header = json.loads(blob.data[8:8 + n])
+        except ValueError:
+            continue
+        for name, entry in header.items():
+            if name != "__metadata__":
+                size = 1
+                for d in entry["shape"]:
+                    size *= d
+                counts[_DTYPE_NAMES.get(entry["dtype"], entry["dtype"])] += size
+    return dict(counts)
+
+
+def _parameter_range(text: str) -> tuple[float, float]:
+    """"min:6B,max:128B" -> (6e9, 128e9); either side may be missing."""
+    low, high = 0.0, float("inf")
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(min|max):([0-9.]+)([KMBT]?)", part, re.IGNORECASE)
+        if not m:
+            raise _HubError(400, f"Invalid num_parameters {text!r}: use min:6B,max:128B")
+        value = float(m.group(2)) * _PARAM_UNITS[m.group(3).upper()]
+        low, high = (value, high) if m.group(1).lower() == "min" else (low, value)
+    return low, high
+
+
+class _CommunityEndpoints:
+    """Endpoints of the community-sharing block, mixed into the request handler."""
+
+    hub: HubServer
+    query: dict[str, list[str]]
+
+    @property
+    def _create_pr(self) -> bool:
+        return (self.query.get("create_pr") or [""])[0] in ("1", "true", "True")
+
+    def _check_commit_rights(self, repo: Repo, token: Token | None) -> None:
+        """Writers commit to any branch; any signed-in user may open a pull request on a repo they can read."""
+        if self._create_pr:
+            if token is None:
+                raise _HubError(401, "You must be authenticated to open a pull request")
+            return
+        if not self.hub._can_write_namespace(repo.namespace, token):
+            raise _HubError(403, f"You don't have the rights to write to {repo.repo_id}")
+
+    def search(self, body: bytes) -> None:  # GET /api/models
+        token = self._token()  # type: ignore[attr-defined]
+        q = self.query
+        term = (q.get("search") or [""])[0].lower()
+        author = (q.get("author") or [None])[0]
+        wanted = q.get("filter") or []
+        pipeline = (q.get("pipeline_tag") or [None])[0]
+        low, high = _parameter_range((q.get("num_parameters") or [""])[0])
+        limit = int((q.get("limit") or ["1000"])[0])
+        sort = (q.get("sort") or [None])[0]
+        if sort is not None and sort not in _SORT_KEYS:
+            raise _HubError(400, f"Invalid sort {sort!r}")
+        found = []
+        with self.hub.lock:
+            for key, repo in sorted(self.hub.repos.items()):
+                if key.startswith("datasets/") or not self.hub._can_read(repo, token):
+                    continue
+                commit = repo.head()
+                tags = hub_tags(commit)
+                if term not in key.lower() or author not in (None, repo.namespace):
+                    continue
+                if not all(t in tags for t in wanted) or (pipeline and pipeline not in tags):
+                    continue
+                total = sum(safetensors_parameters(commit).values())
+                if (low > 0 or high < float("inf")) and not low <= total <= high:
+                    continue
+                found.append((repo, commit, tags))
+        if sort:
+            found.sort(key=lambda item: _SORT_KEYS[sort](item[0], item[1]), reverse=True)
+        self._json([self._listing(r, c, t) for r, c, t in found[:limit]])  # type: ignore[attr-defined]
+
+    def _listing(self, repo: Repo, commit: Commit, tags: list[str]) -> dict[str, Any]:
+        """One model of a listing: the default fields, `full`, `cardData`, or exactly the `expand`ed ones."""
+        q = self.query
+        card = _card_data(commit.files.get("README.md"))
+        params = safetensors_parameters(commit)
+        every: dict[str, Any] = {
+            "author": repo.namespace, "likes": repo.likes, "downloads": repo.downloads, "tags": tags,
+            "private": repo.private, "gated": repo.gated, "disabled": False, "sha": commit.sha,
+            "lastModified": commit.date, "createdAt": repo.created_at, "cardData": card or None,
+            "pipeline_tag": card.get("pipeline_tag"), "library_name": card.get("library_name"),
+            "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+            "safetensors": {"parameters": params, "total": sum(params.values())} if params else None,
+        }
+        if q.get("expand"):
+            keys = set(q["expand"])
+        else:
+            keys = {"likes", "downloads", "tags", "private", "pipeline_tag", "library_name", "createdAt"}
+            if (q.get("full") or [""])[0].lower() == "true":
+                keys |= {"author", "sha", "lastModified", "siblings", "gated", "disabled"}
+            if (q.get("cardData") or [""])[0].lower() == "true":
+                keys.add("cardData")
+        out = {"_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id,
+               "modelId": repo.repo_id}
+        out.update({k: v for k, v in every.items() if k in keys})
+        return out
+
+    def dataset_info(self, body: bytes, repo: str, rev: str | None = None) -> None:
+        token = self._token()  # type: ignore[attr-defined]
+        hub_repo = self.hub._repo_for_read(repo, token)
+        commit = self.hub._revision(hub_repo, rev or "main")
+        card = _card_data(commit.files.get("README.md"))
+        self._json({  # type: ignore[attr-defined]
+            "_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo.split("/", 1)[1],
+            "author": hub_repo.namespace, "sha": commit.sha, "lastModified": commit.date,
+            "createdAt": hub_repo.created_at, "private": hub_repo.private, "gated": hub_repo.gated,
+            "disabled": False, "downloads": hub_repo.downloads, "likes": hub_repo.likes,
+            "tags": list(card.get("tags") or []) if isinstance(card.get("tags"), list) else [],
+            "cardData": card or None, "siblings": [
+                {"rfilename": p, **({"size": len(b.data), "blobId": b.oid}
+                                    if (self.query.get("blobs") or [""])[0].lower() == "true" else {})}
+                for p, b in sorted(commit.files.items())]})
+
+
+_DATASET = r"(?P<dataset>[^/]+/[^/]+?)"
+_DATASET_RESOLVE = re.compile(rf"^/datasets/{_DATASET}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_DATASET_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("GET", re.compile(rf"^/api/datasets/{_DATASET}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$"), "tree"),
+    ("POST", re.compile(rf"^/api/datasets/{_DATASET}/paths-info/(?P<rev>[^/]+)$"), "paths_info"),
+    ("POST", re.compile(rf"^/api/datasets/{_DATASET}/preupload/(?P<rev>[^/]+)$"), "preupload"),
+    ("POST", re.compile(rf"^/api/datasets/{_DATASET}/commit/(?P<rev>[^/]+)$"), "commit"),
+    ("GET", re.compile(rf"^/api/datasets/{_DATASET}/revision/(?P<rev>[^/]+)$"), "dataset_info"),
+    ("GET", re.compile(rf"^/api/datasets/{_DATASET}$"), "dataset_info"),
+    ("POST", re.compile(rf"^/datasets/{_DATASET}\.git/info/lfs/objects/batch$"), "lfs_batch"),
+    ("POST", re.compile(rf"^/datasets/{_DATASET}\.git/info/lfs/objects/verify$"), "lfs_verify"),
+    ("HEAD", _DATASET_RESOLVE, "resolve"),
+    ("GET", _DATASET_RESOLVE, "resolve"),
+]
+# ====================================================================== end of community sharing
+
+
+class _Handler(_CommunityEndpoints, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hub: HubServer
 
@@ -635,10 +881,11 @@ class _Handler(BaseHTTPRequestHandler):
     def create(self, body: bytes) -> None:
         token = self._token()
         payload = json.loads(body or b"{}")
-        if payload.get("type", "model") != "model":
-            raise _HubError(400, "This test Hub only hosts models")
+        if payload.get("type", "model") not in ("model", "dataset"):
+            raise _HubError(400, "This test Hub only hosts models and datasets")
         namespace = payload.get("organization") or (token.user if token else None)
         repo_id = f"{namespace}/{payload.get('name')}"
+        key = repo_id if payload.get("type", "model") == "model" else f"datasets/{repo_id}"
         if token is None:
             raise _HubError(401, "You must be authenticated to create a repo")
         if not self.hub._can_write_namespace(namespace, token):
@@ -646,38 +893,26 @@ class _Handler(BaseHTTPRequestHandler):
         if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
             raise _HubError(400, f"Invalid repo name {repo_id}")
         with self.hub.lock:
-            if repo_id in self.hub.repos:
-                self._json({"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"},
-                           409)
+            if key in self.hub.repos:
+                self._json({"error": "You already created this repo", "url": f"{self.hub.url}/{key}"}, 409)
                 return
             visibility = payload.get("visibility")
-            self.hub.create_repo(repo_id, private=visibility == "private" or bool(payload.get("private")))
-        self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+            self.hub.create_repo(key, private=visibility == "private" or bool(payload.get("private")))
+        self._json({"url": f"{self.hub.url}/{key}", "name": repo_id, "id": repo_id})
 
     def delete(self, body: bytes) -> None:
         token = self._token()
         payload = json.loads(body or b"{}")
         namespace = payload.get("organization") or (token.user if token else None)
         repo_id = f"{namespace}/{payload.get('name')}"
+        if payload.get("type", "model") == "dataset":
+            repo_id = f"datasets/{repo_id}"
         repo = self.hub._repo_for_read(repo_id, token)
         if not self.hub._can_write_namespace(repo.namespace, token):
             raise _HubError(403, f"You don't have the rights to delete {repo_id}")
         with self.hub.lock:
             del self.hub.repos[repo_id]
         self._send(200)
-
-    def search(self, body: bytes) -> None:
-        token = self._token()
-        term = (self.query.get("search") or [""])[0].lower()
-        author = (self.query.get("author") or [None])[0]
-        limit = int((self.query.get("limit") or ["1000"])[0])
-        found = []
-        with self.hub.lock:
-            for repo_id, repo in sorted(self.hub.repos.items()):
-                if self.hub._can_read(repo, token) and term in repo_id.lower() and author in (None, repo.namespace):
-                    found.append({"_id": repo_id, "id": repo_id, "modelId": repo_id, "private": repo.private,
-                                  "likes": 0, "downloads": 0, "tags": []})
-        self._json(found[:limit])
 
     def info(self, body: bytes, repo: str, rev: str | None = None) -> None:
         token = self._token()
@@ -751,8 +986,7 @@ class _Handler(BaseHTTPRequestHandler):
     def preupload(self, body: bytes, repo: str, rev: str) -> None:
         token = self._token()
         hub_repo = self.hub._repo_for_read(repo, token)
-        if not self.hub._can_write_namespace(hub_repo.namespace, token):
-            raise _HubError(403, f"You don't have the rights to write to {repo}")
+        self._check_commit_rights(hub_repo, token)
         commit = self.hub._revision(hub_repo, rev)
         files = []
         for f in json.loads(body)["files"]:
@@ -767,8 +1001,7 @@ class _Handler(BaseHTTPRequestHandler):
     def commit(self, body: bytes, repo: str, rev: str) -> None:
         token = self._token()
         hub_repo = self.hub._repo_for_read(repo, token)
-        if not self.hub._can_write_namespace(hub_repo.namespace, token):
-            raise _HubError(403, f"You don't have the rights to write to {repo}")
+        self._check_commit_rights(hub_repo, token)
         if rev not in hub_repo.branches:
             raise _HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
@@ -796,9 +1029,15 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     raise _HubError(400, f"Unknown commit operation {key}")
             summary = lines[0]["value"].get("summary") or "Commit"
-            new = self.hub._commit(hub_repo, tree, summary)
+            if self._create_pr:
+                pull = self.hub._open_pull(hub_repo, tree, summary, lines[0]["value"].get("description") or "",
+                                           token.user, base=rev)
+                new = hub_repo.commits[hub_repo.branches[pull.ref]]
+            else:
+                new = self.hub._commit(hub_repo, tree, summary, branch=rev, parent=hub_repo.branches[rev])
         self._json({"success": True, "commitOid": new.sha, "commitUrl": f"{self.hub.url}/{repo}/commit/{new.sha}",
-                    "hookOutput": "", "pullRequestUrl": None})
+                    "hookOutput": "", "pullRequestUrl": f"{self.hub.url}/{repo}/discussions/{pull.num}"
+                    if self._create_pr else None})
 
     def lfs_batch(self, body: bytes, repo: str) -> None:
         token = self._token()
@@ -894,10 +1133,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 
 def _route(method: str, path: str) -> tuple[str, str, dict[str, str]] | None:
     """(endpoint kind, handler method name, path parameters) for a request, or None."""
-    for verb, pattern, handler in _ROUTES:
+    for verb, pattern, handler in _ROUTES + _DATASET_ROUTES:
         m = pattern.match(path)
         if verb == method and m:
             params = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
+            if "dataset" in params:  # dataset repos are stored under "datasets/<namespace>/<name>"
+                params["repo"] = "datasets/" + params.pop("dataset")
             kind = {"resolve": "resolve_head" if method == "HEAD" else "resolve_get"}.get(handler, handler)
             return kind, handler, params
     return None

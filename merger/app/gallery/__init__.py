@@ -45,6 +45,11 @@ def gallery_entry(key: str) -> GalleryEntry:
     for entry in load_gallery():
         if entry.key == key:
             return entry
+    from .community import community_entry
+
+    shared = community_entry(key)
+    if shared is not None:
+        return shared
     raise RecipeError(f"there is no gallery recipe '{key}'; choose one of "
                       + ", ".join(e.key for e in load_gallery()))
 
