@@ -251,7 +251,8 @@ def _rewrite_snapshot_paths(text: str) -> tuple[str, set[ModelRef]]:
 def build_card(recipe: Recipe, *, parents: Sequence[ParentInfo], output_name: str,
                gguf_files: Sequence[GGUFFileInfo] = (), gguf_repo: str | None = None,
                sanity: Mapping[str, Any] | None = None, seed: int | None = None,
-               lineage: "Lineage | None" = None, remixed_from: str | None = None) -> ModelCard:
+               evaluation: Sequence[str] | None = None, lineage: "Lineage | None" = None,
+               remixed_from: str | None = None) -> ModelCard:
     """The README.md of a merged model. `output_name` is its repo id (`user/name`) or a local name.
 
     `lineage` (merger.lineage.merge_lineage) adds the family tree; `remixed_from` links the model whose
