@@ -56,6 +56,7 @@ class RunOptions:
     overwrite_repo: bool = False
     allow_local: bool = True
     skip_check: bool = False
+    stream: bool | None = None  # read parents from the Hub by range requests; None: on a Space when disk is short
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RunResult:
     pushed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     sanity: dict | None = None
+    streamed: bool = False
 
 
 def _cancelled(cancel: threading.Event | None) -> None:
@@ -101,16 +103,20 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                 overwrite: bool = False, progress: EventCallback | None = None,
                 cancel: threading.Event | None = None,
                 extra_sinks: Callable[[Path, MergePlan, dict], list[Any]] | None = None,
-                before_commit: Callable[[Path, MergePlan], list[str]] | None = None) -> RunResult:
+                before_commit: Callable[[Path, MergePlan], list[str]] | None = None,
+                infos: Mapping[ModelRef, arch.ModelInfo] | None = None,
+                open_readers: Callable[[MergePlan], Mapping[ModelRef, Any]] | None = None,
+                on_shard: Callable[[Path], None] | None = None) -> RunResult:
     """Merge models already on disk into out_dir (mergekit's layout), atomically.
 
     `extra_sinks(tmp, plan, config)` may add outputs fed with every merged tensor as it is produced
     (objects with write(name, tensor), close() and abort(), e.g. a GGUF stream); the tokenizer files
     are in `tmp` before the merge starts, config.json is written only after it (a folder killed
-    mid-merge has no config, so nothing can load it).
+    mid-merge has no config, so nothing can load it). `infos` and `open_readers(plan)` replace reading
+    the folders' weights (parents streamed from the Hub); `on_shard(path)` gets each finished shard.
     """
     started = time.monotonic()
-    infos = inspect_models(recipe, folders, allow_bin=allow_bin)
+    infos = infos if infos is not None else inspect_models(recipe, folders, allow_bin=allow_bin)
     vocabs = None
     if recipe.tokenizer_source is not None:
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
@@ -123,9 +129,11 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                                     vocab_size=plan.vocab_size, dtype=plan.out_dtype,
                                     tie_word_embeddings=plan.tie_word_embeddings, layer_sources=plan.layer_sources)
         files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp)
-        readers = {ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
+        readers = dict(open_readers(plan)) if open_readers is not None else {
+            ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
         writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
-                               shard_size=shard_size, metadata={"mergekit_method": recipe.method})
+                               shard_size=shard_size, metadata={"mergekit_method": recipe.method},
+                               on_shard=on_shard)
         sinks = extra_sinks(tmp, plan, config) if extra_sinks is not None else []
 
         def on_progress(p: Progress) -> None:
@@ -202,27 +210,36 @@ FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the CPU: skip it for big models
 
 
-def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False):
+def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
+          inspect: Callable[[ModelRef], Any] | None = None):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights."""
     from .check import check_recipe
 
-    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin)
+    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin, inspect=inspect)
 
 
-def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
+def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback,
+                    pinned: Mapping[ModelRef, Any]):
+    from .streaming import pinned_inspector
+
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
-    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
+    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
+                   inspect=pinned_inspector(pinned, token=options.token, allow_bin=options.allow_bin))
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
         fix = f"; {errors[0].fix}" if errors[0].fix else ""
         raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}{more}")
     progress(Event("check", 1.0, "check passed"))
+    return report
 
 
-def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
-           cancel: threading.Event | None) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
-    """Local folders of every model: Hub models are pinned to a commit and downloaded (cached)."""
+def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel: threading.Event | None,
+           pinned: dict[ModelRef, Any], *, stream: bool) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
+    """Local folders of every model: Hub models at their pinned commit, downloaded (cached) or, when
+    streamed, with their configs and tokenizer only (`pinned` then gains every Hub model's metadata)."""
+    from . import hub
+
     folders: dict[ModelRef, Path] = {}
     parents: dict[ModelRef, object] = {}
     refs = recipe.referenced_models()
@@ -231,16 +248,20 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
         if ref.local:
             folders[ref] = Path(ref.repo)
             continue
-        from . import hub
 
         def on_bytes(done: int, total: int | None, i: int = i, ref: ModelRef = ref) -> None:
             _cancelled(cancel)
             part = done / total if total else 0.0
             progress(Event("download", (i + part) / len(refs), f"{ref}", done, total or 0))
 
-        remote, folder = hub.fetch_model(ref, token=options.token, allow_bin=options.allow_bin, progress=on_bytes)
-        folders[ref], parents[ref] = folder, remote
-    progress(Event("download", 1.0, "all models are available locally"))
+        if stream and ref not in pinned:
+            pinned[ref] = hub.read_metadata(hub.resolve(ref, token=options.token), token=options.token)
+        remote = pinned[ref].model if ref in pinned else hub.resolve(ref, token=options.token)
+        folders[ref] = hub.download(remote, token=options.token, allow_bin=options.allow_bin,
+                                    progress=None if stream else on_bytes, weights=not stream)
+        parents[ref] = remote
+    progress(Event("download", 1.0, "weights will be streamed from the Hub while merging" if stream and parents
+                   else "all models are available locally"))
     return folders, parents
 
 
@@ -267,12 +288,26 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
 
         validate_repo_id(options.push)
         check_write_access(options.push, token=options.token)
+    from .streaming import pin_parents, should_stream, stream_readers, streamed_infos
+
+    hub_models = any(not ref.local for ref in recipe.referenced_models())
+    # one resolution per parent: the check reads it, and the merge reads (or streams) the same commit
+    pinned = pin_parents(recipe, token=options.token) if hub_models and not options.skip_check else {}
+    estimates = None
     if not options.skip_check:
-        _check_or_raise(recipe, options, report)
-    folders, remotes = _fetch(recipe, options, report, cancel)
+        estimates = _check_or_raise(recipe, options, report, pinned).estimates
+    stream = hub_models and (options.stream if options.stream is not None else
+                             should_stream(estimates.disk_bytes if estimates else None, options.out_dir))
+    folders, remotes = _fetch(recipe, options, report, cancel, pinned, stream=stream)
     local = {ref: ModelRef(str(folder), None, True) for ref, folder in folders.items()}
     local_recipe = recipe.with_models(local)
     local_folders = {local[ref]: folder for ref, folder in folders.items()}
+    streaming: dict[str, Any] = {}
+    if stream:
+        metas = {local[ref]: pinned[ref] for ref in remotes}
+        streaming = {"infos": streamed_infos(metas, local_folders, allow_bin=options.allow_bin),
+                     "open_readers": stream_readers(metas, local_folders, token=options.token,
+                                                    allow_bin=options.allow_bin, cancel=cancel)}
     parents = [remotes[ref].parent_info() if ref in remotes else
                ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
                for ref in recipe.referenced_models()]
@@ -282,6 +317,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
 
     gguf_name = output_name.split("/")[-1]
     streamed: list[Path] = []
+    uploader = None
 
     def gguf_stream(tmp: Path, plan: MergePlan, config: dict) -> list[Any]:
         """The unquantized GGUF, written from the merged tensors as they are produced: one pass."""
@@ -302,6 +338,9 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                                      cancel=lambda: bool(cancel and cancel.is_set()),
                                      progress=lambda msg, frac: report(Event("gguf", frac, msg))))
             files += [p.name for p in ggufs]
+            if uploader is not None and not options.gguf_repo:  # they go to the model's repo: upload now
+                for path in ggufs:
+                    uploader.add(path)
             sanity.update(_verify(ggufs, tmp, plan, report))
         card = build_card(recipe, parents=parents, output_name=output_name,
                           gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
@@ -310,12 +349,24 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         return files + ["README.md"]
 
-    result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
-                         shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
-                         progress=report, cancel=cancel, before_commit=finalize,
-                         extra_sinks=gguf_stream if options.gguf else None)
+    if options.push:  # finished shards upload while the merge goes on; the commit comes at the end
+        from .upload import ShardUploader
+
+        uploader = ShardUploader(options.push, token=options.token, private=options.private,
+                                 overwrite=options.overwrite_repo)
+    try:
+        result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device,
+                             seed=options.seed, shard_size=options.shard_size, allow_bin=options.allow_bin,
+                             overwrite=options.overwrite, progress=report, cancel=cancel,
+                             before_commit=finalize, extra_sinks=gguf_stream if options.gguf else None,
+                             on_shard=uploader.add if uploader else None, **streaming)
+    except BaseException:
+        if uploader is not None:
+            uploader.abort()
+        raise
     result.gguf_files = [result.out_dir / p.name for p in ggufs]
     result.sanity = sanity or None
+    result.streamed = stream
     if options.push:
         from .hub import push_folder
 
@@ -327,10 +378,17 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
             _cancelled(cancel)
             pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
                                  overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
-                                 gguf_repo=None if options.gguf_repo else options.push, progress=on_upload)
+                                 gguf_repo=None if options.gguf_repo else options.push, progress=on_upload,
+                                 uploader=uploader)
         except CancelledError:
+            uploader.abort()
             shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
             raise
+        except BaseException:
+            uploader.abort()  # deletes the repo only if this run created it and never committed to it
+            raise
+        finally:
+            uploader.close()
         result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
         report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
     return result
