@@ -50,6 +50,10 @@ class ShardUploader:
         path = Path(path)
         if not path.name.endswith(EARLY_SUFFIXES):
             return
+        with self._lock:
+            failed = [f for _, f in self._uploads.values() if f.done() and f.exception() is not None]
+        if failed:  # an earlier upload failed for good: stop the run now rather than at the push
+            raise failed[0].exception()
         handle = open(path, "rb")  # an open file survives the output folder's rename into place
         with self._lock:
             self._handles.append(handle)

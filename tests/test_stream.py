@@ -254,3 +254,35 @@ def test_a_run_cancelled_after_early_uploads_leaves_no_repository(hub, pair, tmp
     assert "alice/gone" not in hub.repos
     assert hub.stats.requests["commit"] == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_early_upload_stops_the_run_and_leaves_no_repository(hub, pair, tmp_path: Path) -> None:
+    hub.inject("lfs_upload", "forbidden", times=None)
+    options = RunOptions(out_dir=tmp_path / "out", device="cpu", stream=True, token=TOKEN, push="alice/broken",
+                         shard_size=100_000)
+    with pytest.raises(HubError) as err:
+        run(parse_recipe(TIES), options)
+    assert "alice/broken" in str(err.value) and "\n" not in str(err.value) and TOKEN not in str(err.value)
+    assert "alice/broken" not in hub.repos
+    assert hub.stats.requests["commit"] == 0
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_parent_changed_after_the_check_is_merged_at_the_checked_commit(hub, pair, tmp_path, stream) -> None:
+    recipe = parse_recipe(TIES)
+    reference = run(recipe, RunOptions(out_dir=tmp_path / "reference", device="cpu", stream=stream))
+    file = "model.safetensors"
+    original = hub.file_bytes("acme/chat", file)
+    header = read_local_headers(pair["acme/chat"])["model.norm.weight"]
+    changed = bytearray(original)
+    changed[header.begin:header.end] = bytes(header.nbytes)
+
+    def progress(event: Event) -> None:
+        if event.stage == "check" and event.fraction == 1.0:
+            hub.commit_files("acme/chat", {file: bytes(changed)}, message="a change during the run")
+
+    result = run(recipe, RunOptions(out_dir=tmp_path / "out", device="cpu", stream=stream), progress=progress)
+    assert hub.file_bytes("acme/chat", file) == bytes(changed)  # the repo did change mid-run
+    assert (result.out_dir / file).read_bytes() == (reference.out_dir / file).read_bytes()
+    hub.commit_files("acme/chat", {file: original})
