@@ -218,11 +218,12 @@ def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (
     return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin, inspect=inspect)
 
 
-def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback,
-                    pinned: Mapping[ModelRef, Any]):
-    from .streaming import pinned_inspector
+def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> tuple[Any, dict[ModelRef, Any]]:
+    """The check's report and the Hub models it read, each pinned to the commit the merge will use."""
+    from .streaming import pin_parents, pinned_inspector
 
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
+    pinned = pin_parents(recipe, token=options.token)
     report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
                    inspect=pinned_inspector(pinned, token=options.token, allow_bin=options.allow_bin))
     errors = [p for p in report.problems if p.severity == "error"]
@@ -231,7 +232,7 @@ def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback
         fix = f"; {errors[0].fix}" if errors[0].fix else ""
         raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}{more}")
     progress(Event("check", 1.0, "check passed"))
-    return report
+    return report, pinned
 
 
 def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel: threading.Event | None,
@@ -288,14 +289,13 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
 
         validate_repo_id(options.push)
         check_write_access(options.push, token=options.token)
-    from .streaming import pin_parents, should_stream, stream_readers, streamed_infos
+    from .streaming import should_stream, stream_readers, streamed_infos
 
     hub_models = any(not ref.local for ref in recipe.referenced_models())
-    # one resolution per parent: the check reads it, and the merge reads (or streams) the same commit
-    pinned = pin_parents(recipe, token=options.token) if hub_models and not options.skip_check else {}
-    estimates = None
-    if not options.skip_check:
-        estimates = _check_or_raise(recipe, options, report, pinned).estimates
+    estimates, pinned = None, {}
+    if not options.skip_check:  # one resolution per parent: the merge reads (or streams) what was checked
+        checked, pinned = _check_or_raise(recipe, options, report)
+        estimates = checked.estimates
     stream = hub_models and (options.stream if options.stream is not None else
                              should_stream(estimates.disk_bytes if estimates else None, options.out_dir))
     folders, remotes = _fetch(recipe, options, report, cancel, pinned, stream=stream)
