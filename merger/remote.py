@@ -328,19 +328,25 @@ class RemoteTensorReader:
                 if piece.error is not None:
                     raise piece.error
                 data = piece.data
-            n = min(piece.size - piece.consumed, len(view) - done)
-            view[done:done + n] = memoryview(data.numpy())[piece.consumed:piece.consumed + n]
+            if data is None:  # dropped meanwhile by a read in another thread that moved past it
+                self._get(file, pos, view[done:])
+                return
+            offset = pos - piece.begin
+            n = min(piece.size - offset, len(view) - done)
+            view[done:done + n] = memoryview(data.numpy())[offset:offset + n]
             done += n
             pos += n
             with self._lock:
+                if piece.dropped:
+                    continue
                 keys = self._next[file]
                 keys.remove((piece.begin + piece.consumed, index))
-                piece.consumed += n
+                piece.consumed = offset + n
                 if piece.consumed < piece.size:  # rows of a piece: the rest is found at its next byte
                     bisect.insort(keys, (pos, index))
                 else:
                     self._drop(piece)
-                    self._cursor = index + 1
+                    self._cursor = max(self._cursor, index + 1)
                     self._schedule()
 
     def _get(self, file: str, start: int, view: memoryview) -> None:
