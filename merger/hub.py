@@ -308,17 +308,15 @@ def _publish(api: HfApi, repo_id: str, uploads: list[tuple[str, Path]], *, token
              overwrite: bool, message: str, progress: Progress | None,
              extra: Mapping[str, bytes] | None = None, uploader: Any = None) -> str:
     """Create (or update our own) repo and upload everything in one commit; returns the commit sha."""
-    if uploader is not None:  # the repo was prepared before the merge (merger.upload.ShardUploader)
-        existing, created = uploader.existing, uploader.created
-    else:
-        existing = _existing(api, repo_id, token)
-        if existing is not None and not overwrite and not _made_by_tool(existing):
-            raise HubError(f"{repo_id} already exists and was not made by this tool; choose another name, or allow "
-                           "overwriting it explicitly (--overwrite-repo)")
-        created = False
-        if existing is None:
-            _call(lambda: api.create_repo(repo_id, private=private), repo_id=repo_id, token=token, verb="create")
-            created = True
+    # an uploader (merger.upload.ShardUploader) prepared the repo before the merge
+    existing = _existing(api, repo_id, token) if uploader is None else uploader.existing
+    if existing is not None and not overwrite and not _made_by_tool(existing):
+        raise HubError(f"{repo_id} already exists and was not made by this tool; choose another name, or allow "
+                       "overwriting it explicitly (--overwrite-repo)")
+    created = uploader is not None and uploader.created
+    if existing is None and uploader is None:
+        _call(lambda: api.create_repo(repo_id, private=private), repo_id=repo_id, token=token, verb="create")
+        created = True
     try:
         early = uploader.operations(dict(uploads)) if uploader is not None else {}
         ops = [early.get(path) or CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
