@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -83,8 +84,8 @@ class Blob:
     data: bytes
     lfs: bool
 
-    @property
-    def sha256(self) -> str:
+    @functools.cached_property
+    def sha256(self) -> str:  # computed once: every download and range request reports it in its headers
         return hashlib.sha256(self.data).hexdigest()
 
     @property
