@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-from merger.app import demo
+from merger.app import demo, where
 from merger.app.demo import Settings
 
 demo.quiet_environment()  # before gradio and huggingface_hub are imported
@@ -101,16 +101,19 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         return ("\n".join(models) if models else gr.skip(), demo.recipe_method(text) or gr.skip(),
                 demo.recipe_status(text, allow_local=allow_local))
 
-    def check(text: str, quants: list[str], oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
+    def check(text: str, quants: list[str], run_where: str, oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
         """Pre-flight check: configs and headers only, so it answers in seconds."""
         try:
             recipe = parse_recipe(text, allow_local=allow_local)
-            report = pipeline.check(recipe, token=_token(settings, oauth_token), gguf=tuple(quants or ()))
+            token = _token(settings, oauth_token)
+            report = pipeline.check(recipe, token=token, gguf=tuple(quants or ()))
+            plan = where.plan_markdown(run_where, recipe, report, token=token, quants=tuple(quants or ()))
         except Exception as e:  # one line for the user either way; a bug also goes to the server log
             if not isinstance(e, MergerError):
                 logging.getLogger("merger.app").exception("check failed")
             return demo.render_error(e), demo.render_error(e)
-        return demo.render_check(report), demo.recipe_status(text, allow_local=allow_local)
+        rendered = demo.render_check(report) + (f"\n\n{plan}" if plan else "")
+        return rendered, demo.recipe_status(text, allow_local=allow_local)
 
     def register() -> tuple[str, str]:
         """Create the job at click time, so Cancel works while it waits in the queue."""
@@ -118,18 +121,22 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         return job.job_id, demo.render_progress(job.snapshot())
 
     def run_merge(job_id: str, text: str, repo_name: str, private: bool, publish: bool, quants: list[str],
-                  oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
+                  run_where: str, oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
         """Start the job when the queue gives it its turn, then stream its progress and result."""
         job = jobs.get(job_id) or jobs.new_job()
+        token = _token(settings, oauth_token)
         try:
-            request = demo.job_request(settings, text, repo_name, private=private, publish=publish,
-                                       quants=quants or (), token=_token(settings, oauth_token), job_id=job.job_id)
+            request = demo.job_request(settings, text, repo_name, private=private,
+                                       publish=publish or run_where == where.JOBS, quants=quants or (),
+                                       token=token, job_id=job.job_id)
+            backend = where.backend(run_where, token=token)
         except MergerError as e:
             job.cancel()
             yield "", "", demo.render_error(e), ""
             return
-        job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep)
-        for snap in demo.follow(job):
+        job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep, backend=backend)
+        # ZeroGPU: the merge step must run in this event's thread, inside its GPU window (see merger.compute)
+        for snap in demo.follow(job, serve=getattr(backend, "serve", None)):
             card = demo.card_markdown(snap.outcome.card) if snap.outcome else ""
             yield demo.render_progress(snap), demo.render_log(snap), demo.render_outcome(snap), card
 
@@ -174,6 +181,10 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
             publish = gr.Checkbox(label="Publish to the Hub", value=settings.space, scale=1, elem_id="publish")
         quants = gr.CheckboxGroup(label="GGUF files (llama.cpp)", choices=demo.gguf_choices(),
                                   value=list(demo.DEFAULT_QUANTS), elem_id="quants")
+        run_where = gr.Radio(label="Where to merge", choices=where.choices(), value=where.HERE, elem_id="where",
+                             info="Hugging Face Jobs run on your own account's hardware (pay per minute) and push "
+                                  "the result themselves; Check shows the hardware, time and cost first. They need "
+                                  "the 'jobs' permission, asked for at sign-in.")
         with gr.Row():
             check_button = gr.Button("Check", elem_id="check")
             merge_button = gr.Button("Merge", variant="primary", elem_id="merge")
@@ -193,10 +204,10 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         gallery_pick.input(from_gallery, [gallery_pick, models_box], recipe_outputs, queue=False)
         hub_load.click(from_hub, [hub_repo], recipe_outputs, concurrency_id="check", concurrency_limit=4)
         editor.input(on_edit, [editor], [models_box, method, status], queue=False, trigger_mode="always_last")
-        check_button.click(check, [editor, quants], [report, status], concurrency_id="check",
+        check_button.click(check, [editor, quants, run_where], [report, status], concurrency_id="check",
                            concurrency_limit=4, api_name="check")
         merge_button.click(register, None, [job_id, progress], queue=False).then(
-            run_merge, [job_id, editor, repo_name, private, publish, quants], [progress, log, result, card],
+            run_merge, [job_id, editor, repo_name, private, publish, quants, run_where], [progress, log, result, card],
             concurrency_id="merge", concurrency_limit=1, api_name="merge")
         cancel_button.click(cancel, [job_id], [report], queue=False)
     return app

@@ -6,6 +6,7 @@ removed, so a failure never leaves a half-written output folder or a half-pushed
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -56,6 +57,9 @@ class RunOptions:
     overwrite_repo: bool = False
     allow_local: bool = True
     skip_check: bool = False
+    # Hub models already on disk at a pinned commit (a Hugging Face Job's read-only Volumes):
+    # str(ref) as the recipe writes it -> (commit sha, folder)
+    mounted: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +237,12 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
             continue
         from . import hub
 
+        if str(ref) in options.mounted:  # pinned and on disk already: only the lineage is asked of the Hub
+            sha, folder = options.mounted[str(ref)]
+            parents[ref] = hub.resolve(ModelRef(ref.repo, sha), token=options.token)
+            folders[ref] = Path(folder)
+            continue
+
         def on_bytes(done: int, total: int | None, i: int = i, ref: ModelRef = ref) -> None:
             _cancelled(cancel)
             part = done / total if total else 0.0
@@ -252,15 +262,22 @@ def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
     return (floats[0] if floats else None), quants
 
 
+StepRunner = Callable[..., RunResult]  # (step, progress, cancel) -> step's result; step(progress, cancel)
+
+
 def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None = None,
-        cancel: threading.Event | None = None) -> RunResult:
-    """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure."""
-    from .card import GGUFFileInfo, ParentInfo, build_card, local_license
+        cancel: threading.Event | None = None, merge_runner: StepRunner | None = None) -> RunResult:
+    """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure.
+
+    `merge_runner(step, progress, cancel)` runs the merge step (merge_and_finish with its arguments bound)
+    somewhere else, e.g. inside a ZeroGPU window; by default it runs here.
+    """
+    from .card import ParentInfo, local_license
 
     report = progress or (lambda event: None)
     if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
         raise ModelError("local model folders are not allowed here; name models by their Hub repo ID")
-    outtype, quants = _split_gguf_types(options.gguf)
+    _split_gguf_types(options.gguf)  # refuses two unquantized types before anything starts
     ensure_output_free(options.out_dir, overwrite=options.overwrite)
     if options.push:
         from .hub import check_write_access, validate_repo_id
@@ -276,6 +293,36 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     parents = [remotes[ref].parent_info() if ref in remotes else
                ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
                for ref in recipe.referenced_models()]
+    step = functools.partial(merge_and_finish, recipe, local_recipe, local_folders, parents, options)
+    result = step(report, cancel) if merge_runner is None else merge_runner(step, report, cancel)
+    if options.push:
+        from .hub import push_folder
+
+        def on_upload(done: int, total: int | None) -> None:
+            report(Event("upload", done / total if total else 0.0, options.push, done, total or 0))
+            _cancelled(cancel)  # raised inside push_folder, which deletes a repo it created
+
+        try:
+            _cancelled(cancel)
+            pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
+                                 overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
+                                 gguf_repo=None if options.gguf_repo else options.push, progress=on_upload)
+        except CancelledError:
+            shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
+            raise
+        result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
+        report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
+    return result
+
+
+def merge_and_finish(recipe: Recipe, local_recipe: Recipe, local_folders: Mapping[ModelRef, Path],
+                     parents: list[Any], options: RunOptions, report: EventCallback,
+                     cancel: threading.Event | None) -> RunResult:
+    """Merge, GGUF (+ verification) and card, after the fetch and before the push: the part that needs the
+    GPU. Its arguments pickle, so a ZeroGPU window can run it in its own process (see merger.compute)."""
+    from .card import GGUFFileInfo, build_card
+
+    outtype, quants = _split_gguf_types(options.gguf)
     output_name = options.push or options.out_dir.name
     ggufs: list[Path] = []
     sanity: dict[str, str] = {}
@@ -316,23 +363,6 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                          extra_sinks=gguf_stream if options.gguf else None)
     result.gguf_files = [result.out_dir / p.name for p in ggufs]
     result.sanity = sanity or None
-    if options.push:
-        from .hub import push_folder
-
-        def on_upload(done: int, total: int | None) -> None:
-            report(Event("upload", done / total if total else 0.0, options.push, done, total or 0))
-            _cancelled(cancel)  # raised inside push_folder, which deletes a repo it created
-
-        try:
-            _cancelled(cancel)
-            pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
-                                 overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
-                                 gguf_repo=None if options.gguf_repo else options.push, progress=on_upload)
-        except CancelledError:
-            shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
-            raise
-        result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
-        report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
     return result
 
 

@@ -32,8 +32,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 
+from tests import hubjobs
+
 KINDS = ("whoami", "create", "delete", "info", "tree", "paths_info", "resolve_head", "resolve_get",
-         "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search")
+         "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search",
+         *hubjobs.KINDS)
 FAULTS = ("unauthorized", "forbidden", "gated", "repo_not_found", "entry_not_found", "revision_not_found",
           "conflict", "rate_limit", "server_error", "drop")
 WRITE_ROLES = ("admin", "write", "contributor")
@@ -204,6 +207,7 @@ class HubServer:
         self._clock = itertools.count()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.jobs = hubjobs.JobsHost(self)  # Hugging Face Jobs: local subprocesses (tests/hubjobs.py)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -224,6 +228,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.jobs.close()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -468,7 +473,7 @@ def validate_card_metadata(content: str) -> tuple[list[str], list[str]]:
     return errors, []
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(hubjobs.JobsEndpoints, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hub: HubServer
 
@@ -871,6 +876,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("PUT", re.compile(r"^/__lfs/upload/(?P<oid>[0-9a-f]{64})$"), "lfs_upload"),
     ("HEAD", _RESOLVE, "resolve"),
     ("GET", _RESOLVE, "resolve"),
+    *hubjobs.ROUTES,
 ]
 
 

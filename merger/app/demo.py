@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -366,7 +366,7 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     name = (repo_name or "").strip() or default_repo_name(text)
     push = publish_target(name, token) if publish else None
     if push:
-        from .hub import validate_repo_id
+        from ..hub import validate_repo_id
 
         validate_repo_id(push)
     if settings.space:
@@ -378,10 +378,19 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     return JobRequest(recipe, options, job_dir, keep=not settings.space)
 
 
-def follow(job: Run, interval: float = 0.25) -> Iterator[Snapshot]:
-    """Snapshots of a job whenever it changed, ending with the finished one."""
+def follow(job: Run, interval: float = 0.25, serve: Callable[[], Iterator[None]] | None = None) -> Iterator[Snapshot]:
+    """Snapshots of a job whenever it changed, ending with the finished one.
+
+    `serve` (a ZeroGPU backend's) runs, in this thread, the work the job hands over to it, yielding after
+    each step; it is called between polls.
+    """
     last = None
     while True:
+        for _ in serve() if serve is not None else ():
+            snap = job.snapshot()
+            if snap != last:
+                yield snap
+                last = snap
         finished = job.wait(interval)
         snap = job.snapshot()
         if snap != last:
@@ -405,10 +414,12 @@ def render_progress(snap: Snapshot) -> str:
     if snap.eta_seconds is not None:
         extra.append(f"about {human_seconds(snap.eta_seconds)} left")
     line = " · ".join([head, *extra])
+    link = (f'<div class="merge-progress-job">Hugging Face Job: <a href="{html.escape(snap.url)}" target="_blank">'
+            f'{html.escape(snap.url)}</a></div>' if snap.url else "")
     return (f'<div class="merge-progress" data-status="{snap.status}" data-stage="{html.escape(stage)}" '
             f'data-fraction="{snap.fraction:.3f}"><div class="merge-progress-head">{html.escape(line)}</div>'
             f'<progress max="1" value="{snap.fraction:.3f}"></progress>'
-            f'<div class="merge-progress-msg">{html.escape(snap.message)}</div></div>')
+            f'<div class="merge-progress-msg">{html.escape(snap.message)}</div>{link}</div>')
 
 
 def render_log(snap: Snapshot) -> str:

@@ -10,6 +10,7 @@ and pushed: nothing half-made and nothing of one user's is left for the next.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import shutil
 import threading
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..compute import Backend, Handle, Here, Outcome, read_outcome  # noqa: F401  (Outcome, read_outcome: re-exported)
 from ..errors import CancelledError, MergerError
-from ..pipeline import Event, RunOptions, RunResult, run
+from ..pipeline import Event, RunOptions
 from ..recipe import Recipe
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -30,19 +32,6 @@ MAX_JOBS_KEPT = 64
 log = logging.getLogger(__name__)
 
 EventHook = Callable[["Run", Event], None]  # called in the worker after each event (tests pause here)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a finished job produced, read before its folder may be removed."""
-
-    files: tuple[tuple[str, int], ...]  # (path inside the output folder, bytes)
-    card: str
-    pushed: tuple[str, ...]
-    sanity: dict[str, str]
-    warnings: tuple[str, ...]
-    out_dir: Path | None  # None when the folder was removed after the push (Space mode)
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -60,17 +49,7 @@ class Snapshot:
     log: tuple[str, ...]
     outcome: Outcome | None = None
     error: str | None = None
-
-
-def read_outcome(result: RunResult, *, kept: bool) -> Outcome:
-    """The file list with sizes and the rendered card of a finished run."""
-    folder = result.out_dir
-    files = tuple((p.relative_to(folder).as_posix(), p.stat().st_size)
-                  for p in sorted(folder.rglob("*")) if p.is_file())
-    readme = folder / "README.md"
-    return Outcome(files, readme.read_text(encoding="utf-8") if readme.is_file() else "",
-                   tuple(result.pushed), dict(result.sanity or {}), tuple(result.warnings),
-                   folder if kept else None, result.seconds)
+    url: str | None = None  # the run's own page when it runs elsewhere (a Hugging Face Job)
 
 
 @dataclass
@@ -89,10 +68,13 @@ class Run:
     _outcome: Outcome | None = None
     _error: str | None = None
     _thread: threading.Thread | None = None
+    _handle: Handle | None = None
 
-    def start(self, recipe: Recipe, options: RunOptions, *, job_dir: Path, keep: bool) -> None:
-        """Run in a worker thread. `job_dir` holds out_dir and belongs to this job: it is removed on error
-        or cancel, and also after success unless `keep` (a Space keeps nothing once the push is done)."""
+    def start(self, recipe: Recipe, options: RunOptions, *, job_dir: Path, keep: bool,
+              backend: Backend | None = None) -> None:
+        """Run in a worker thread on `backend` (default: here). `job_dir` holds out_dir and belongs to this job:
+        it is removed on error or cancel, and also after success unless `keep` (a Space keeps nothing once
+        the push is done)."""
         with self._lock:
             if self.status != QUEUED:
                 raise MergerError(f"job {self.job_id} was already started")
@@ -102,7 +84,7 @@ class Run:
                 self._finished.set()
                 return
             self.status = RUNNING
-        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep),
+        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep, backend or Here()),
                                         name=f"merge-{self.job_id}", daemon=True)
         self._thread.start()
 
@@ -110,10 +92,17 @@ class Run:
         """Ask the job to stop; the pipeline stops at its next tensor, chunk or stage and cleans up."""
         self.cancel_event.set()
         with self._lock:
+            handle = self._handle
             if self.status == QUEUED:
                 self._add_log("cancel requested; the job will not start")
             elif self.status == RUNNING:
                 self._add_log("cancel requested; stopping and removing what was written")
+        if handle is not None:
+            try:
+                handle.cancel()
+            except MergerError as e:  # e.g. the Hub did not take a job's cancel: say so, keep following
+                with self._lock:
+                    self._add_log(f"cancel failed: {e}")
 
     def wait(self, timeout: float | None = None) -> bool:
         """True when the job has finished (in any way) within `timeout` seconds."""
@@ -128,19 +117,26 @@ class Run:
         with self._lock:
             e = self._event
             return Snapshot(self.job_id, self.status, e.stage, e.fraction, e.message, e.bytes_done, e.bytes_total,
-                            self._eta(), tuple(self._log), self._outcome, self._error)
+                            self._eta(), tuple(self._log), self._outcome, self._error,
+                            self._handle.url if self._handle is not None else None)
 
     # ------------------------------------------------------------ worker side
 
-    def _work(self, recipe: Recipe, options: RunOptions, job_dir: Path, keep: bool) -> None:
+    def _work(self, recipe: Recipe, options: RunOptions, job_dir: Path, keep: bool, backend: Backend) -> None:
         kept = False
         try:
-            result = run(recipe, options, progress=self._on_event, cancel=self.cancel_event)
-            outcome = read_outcome(result, kept=keep)
+            handle = backend.submit(recipe, options)
+            with self._lock:
+                self._handle = handle
+            if self.cancel_event.is_set():  # a cancel between start() and here
+                handle.cancel()
+            outcome = handle.run(self._on_event)
+            if not keep:
+                outcome = dataclasses.replace(outcome, out_dir=None)
             kept = keep
             with self._lock:
                 self._outcome = outcome
-                self._finish(DONE, f"done in {result.seconds:.1f} s")
+                self._finish(DONE, f"done in {outcome.seconds:.1f} s")
         except BaseException as e:  # the worker must always finish the job and clean up
             with self._lock:
                 if isinstance(e, CancelledError) or self.cancel_event.is_set():
