@@ -107,7 +107,8 @@ def job_spec(recipe: Recipe, options: RunOptions, plan: JobPlan, image: str) -> 
         mount = f"{MOUNT_ROOT}/{i}"
         volumes.append(Volume(type="model", source=ref.repo, mount_path=mount, revision=sha, read_only=True))
         command += ["--mounted", f"{ref}={sha}:{mount}"]
-    env = {RECIPE_ENV: recipe.text, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {RECIPE_ENV: recipe.text, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     space = next((image[len(p):] for p in SPACE_IMAGE_PREFIXES if image.startswith(p)), None)
     if space:  # the card's "reproduce" section installs the tool from the Space that ran the job
         env["MERGER_INSTALL_SOURCE"] = f"git+https://huggingface.co/spaces/{space}"
@@ -134,14 +135,14 @@ class JobHandle(Handle):
         from ..hub import check_write_access, hub_endpoint, validate_repo_id
 
         token = self.options.token
-        if not self.image:
-            raise ModelError("no image to run the job in: give --job-image (a Space running this project, "
-                             "hf.co/spaces/OWNER/NAME, or a Docker image with it installed)")
         if not token:
             raise HubError("a Hugging Face Job runs on your account: sign in (or pass --token / set HF_TOKEN)")
         if not self.options.push:
             raise ModelError("a Hugging Face Job keeps nothing itself: give the repository to push to "
                              "(--push OWNER/NAME)")
+        if not self.image:
+            raise ModelError("no image to run the job in: give --job-image (a Space running this project, "
+                             "hf.co/spaces/OWNER/NAME, or a Docker image with it installed)")
         validate_repo_id(self.options.push)
         check_write_access(self.options.push, token=token)
         progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
@@ -199,8 +200,8 @@ class JobHandle(Handle):
                     progress(parsed)
                 elif isinstance(parsed, dict):
                     result = parsed
-                elif line.strip():
-                    self.tail.append(_scrub(line.strip(), self.options.token))
+                elif line.strip():  # of a progress bar redrawn with carriage returns, its last state
+                    self.tail.append(_scrub(line.split("\r")[-1].strip() or line.strip(), self.options.token))
         except Exception as e:
             raise jobs_error(e, self.options.token, "follow the Hugging Face Job's log") from None
         return result

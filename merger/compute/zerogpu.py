@@ -58,9 +58,13 @@ def refusal(needs: Needs, seconds: int, *, quota: int, size: str = "large") -> s
         return (f"this merge needs {needs.gpu_bytes / GB:.1f} GB of GPU memory, more than a ZeroGPU window has "
                 f"({GPU_BYTES[size] / GB:.0f} GB); run it on Hugging Face Jobs instead")
     if seconds > quota:
-        return (f"this merge needs about {seconds / 60:.0f} min of GPU time, more than your ZeroGPU quota "
-                f"({quota / 60:.0f} min a day); run it on Hugging Face Jobs instead")
+        return (f"this merge needs about {_span(seconds)} of GPU time, more than your ZeroGPU quota "
+                f"({_span(quota)} a day); run it on Hugging Face Jobs instead")
     return None
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 @dataclass
