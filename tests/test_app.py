@@ -438,7 +438,7 @@ def test_space_card_front_matter() -> None:
     text = (ROOT / "space" / "README.md").read_text()
     front = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL).group(1))
     assert front["sdk"] == "docker" and front["app_port"] == 7860 and front["hf_oauth"] is True
-    assert set(front["hf_oauth_scopes"]) == {"read-repos", "write-repos", "manage-repos"}
+    assert set(front["hf_oauth_scopes"]) == {"read-repos", "write-repos", "manage-repos", "jobs"}
     assert front["suggested_hardware"] in {"t4-small", "t4-medium", "l4x1", "a10g-small"}
     assert "README.md" in text.split("---", 2)[2] and "deploy" in text.lower()
 

@@ -208,9 +208,10 @@ def test_check_shows_the_flavor_time_cost_and_why_cheaper_ones_do_not_fit(hub: H
     report = check(parse_recipe(RECIPE, allow_local=False), token=TOKEN)
     needs = needs_from_report(report)
     seconds = run_seconds(needs, cores=8, gpu=False)
-    usd = seconds / 60 * 0.0005
-    assert f"Hugging Face Jobs flavor: cpu-upgrade" in out
-    assert f"estimated cost ${usd:.2f}" in out
+    usd = seconds / 60 * 0.0005  # cpu-upgrade's price per minute in the test Hub's table
+    assert usd < 0.005
+    assert "Hugging Face Jobs flavor: cpu-upgrade" in out
+    assert "estimated cost < $0.01 ($0.03/hour)" in out
     assert f"cpu-basic does not fit: RAM 2.0 GB < {needs.ram_bytes / 1e9:.1f} GB needed" in out
     assert not hub.jobs.jobs  # a check creates nothing
 
@@ -245,3 +246,39 @@ def test_job_log_replays_through_the_real_client(hub: HubServer, parents: dict[s
     api.cancel_job(job_id=slow.id)
     assert api.wait_for_job(slow.id, timeout=30).status.stage == "CANCELED"
     assert time.monotonic() - started < 30
+
+
+def test_app_page_checks_and_runs_on_jobs(hub: HubServer, parents: dict[str, str], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's "Run on Hugging Face Jobs" choice, through gradio_client: check shows the plan, merge
+    creates the job, follows it and shows the pushed repo and the job's URL."""
+    import socket
+
+    from gradio_client import Client
+
+    import app as app_module
+    from merger.app import demo
+
+    monkeypatch.setenv("MERGER_JOB_IMAGE", IMAGE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = demo.Settings(False, "127.0.0.1", port, tmp_path / "outputs", tmp_path / "demo_models")
+    blocks = app_module.build_app(settings, RunQueue())
+    blocks.queue()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False, oauth_token=TOKEN)
+        report, _ = client.predict(RECIPE, [], "jobs", api_name="/check")
+        assert "**Hugging Face Jobs flavor: cpu-basic" in report and "estimated cost $" in report
+        progress, log, result, card = client.predict(RECIPE, "app-merge", True, False, [], "jobs",
+                                                     api_name="/merge")
+    finally:
+        blocks.close()
+    (job,) = hub.jobs.jobs.values()
+    assert 'data-status="done"' in progress, result
+    assert f"{hub.url}/jobs/alice/{job.id}" in progress  # the job's page, linked from the progress panel
+    assert f"Published: [{hub.url}/alice/app-merge]" in result  # "Publish" was off: a job always pushes
+    assert hub.repos["alice/app-merge"].private
+    assert "job: Hugging Face Job" in log and "merge:" in log and TOKEN not in log + result + card + progress
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))

@@ -74,8 +74,8 @@ class FlavorChoice:
         gpu = f"{f.gpus}x {_gb(f.gpu_bytes)} GPU, " if f.gpus else ""
         out = [f"Hugging Face Jobs flavor: {f.name} ({f.pretty_name}: {f.cores} vCPU, {gpu}{_gb(f.ram_bytes)} RAM"
                + (f", {_gb(f.disk_bytes)} disk)" if f.disk_bytes is not None else ")"),
-               f"  estimated time {_duration(self.seconds)}, estimated cost ${self.usd:.2f} "
-               f"(${f.usd_per_second * 3600:.2f}/hour); timeout {_duration(self.timeout)}"]
+               f"  estimated time {_duration(self.seconds)}, estimated cost {usd(self.usd)} "
+               f"({usd(f.usd_per_second * 3600)}/hour); timeout {_duration(self.timeout)}"]
         out += [f"  {r.name} does not fit: {'; '.join(why)}" for r, why in self.rejected]
         return out
 
@@ -108,6 +108,10 @@ def choose_flavor(flavors: Sequence[Flavor], needs: Needs, *, wanted: str | None
     rejected = tuple((f, tuple(f.shortfalls(needs))) for f in sorted(flavors, key=lambda f: f.usd_per_second)
                      if f.usd_per_second <= pick.usd_per_second and f.shortfalls(needs))
     return FlavorChoice(pick, seconds, usd, timeout_seconds(seconds), rejected)
+
+
+def usd(amount: float) -> str:
+    return "< $0.01" if amount < 0.005 else f"${amount:.2f}"
 
 
 def _gb(n: int) -> str:

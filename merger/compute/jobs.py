@@ -21,7 +21,7 @@ from ..errors import CancelledError, HubError, MergerError, ModelError
 from ..pipeline import Event, EventCallback, RunOptions
 from ..recipe import ModelRef, Recipe
 from .base import Handle, Outcome
-from .flavors import Flavor, FlavorChoice, choose_flavor
+from .flavors import Flavor, FlavorChoice, choose_flavor, usd
 from .protocol import parse_line
 from .resources import Needs, needs_from_report
 
@@ -151,7 +151,7 @@ class JobHandle(Handle):
             self.on_plan(plan)
         c = plan.choice
         progress(Event("check", 1.0, f"check passed; Hugging Face Jobs flavor {c.flavor.name}, estimated "
-                                     f"{c.seconds / 60:.0f} min and ${c.usd:.2f}"))
+                                     f"{c.seconds / 60:.0f} min and {usd(c.usd)}"))
         spec = job_spec(self.recipe, self.options, plan, self.image)
         api = HfApi(endpoint=hub_endpoint(), token=token)
         with self._lock:
