@@ -193,18 +193,21 @@ def cmd_job(args: argparse.Namespace, recipe, options, bar) -> int:
         print("\n".join(plan.lines()), file=sys.stderr)
 
     handle = Jobs(image=args.job_image, flavor=args.flavor, on_plan=show_plan).submit(recipe, options)
-    previous = signal.getsignal(signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
 
-    def interrupt(signum, frame) -> None:  # first Ctrl-C cancels the job on the Hub, then waits for it
+    def interrupt(signum, frame) -> None:  # the first Ctrl-C cancels the job on the Hub, then waits for it
         signal.signal(signal.SIGINT, previous)
-        print("\ncancelling the Hugging Face Job...", file=sys.stderr)
+        print("\ncancelling the Hugging Face Job (Ctrl-C again to stop waiting)...", file=sys.stderr)
         threading.Thread(target=handle.cancel, daemon=True).start()
 
-    signal.signal(signal.SIGINT, interrupt)
+    if main_thread:
+        signal.signal(signal.SIGINT, interrupt)
     try:
         outcome = handle.run(bar)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
         bar.close()
     for w in outcome.warnings:
         print(f"warning: {w}", file=sys.stderr)

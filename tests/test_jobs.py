@@ -270,7 +270,7 @@ def test_app_page_checks_and_runs_on_jobs(hub: HubServer, parents: dict[str, str
     try:
         client = Client(f"http://127.0.0.1:{port}", verbose=False, oauth_token=TOKEN)
         report, _ = client.predict(RECIPE, [], "jobs", api_name="/check")
-        assert "**Hugging Face Jobs flavor: cpu-basic" in report and "estimated cost $" in report
+        assert "**Hugging Face Jobs flavor: cpu-basic" in report and "estimated cost < $0.01" in report
         progress, log, result, card = client.predict(RECIPE, "app-merge", True, False, [], "jobs",
                                                      api_name="/merge")
     finally:
@@ -282,3 +282,28 @@ def test_app_page_checks_and_runs_on_jobs(hub: HubServer, parents: dict[str, str
     assert hub.repos["alice/app-merge"].private
     assert "job: Hugging Face Job" in log and "merge:" in log and TOKEN not in log + result + card + progress
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))
+
+
+def test_ctrl_c_in_the_cli_cancels_the_job(hub: HubServer, parents: dict[str, str], tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _slow_jobs(hub, tmp_path)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "cli_home"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cli = subprocess.Popen([sys.executable, "-m", "merger", "run", str(_recipe_file(tmp_path)), "--job",
+                            "--job-image", IMAGE, "--push", "alice/interrupted"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "merge [" not in seen:  # the job is merging: its progress reached the CLI
+        line = cli.stderr.readline()
+        assert line, seen
+        seen += line
+    cli.send_signal(signal.SIGINT)
+    _, rest = cli.communicate(timeout=120)
+    (job,) = hub.jobs.jobs.values()
+    assert cli.returncode == 130 and job.stage == "CANCELED", seen + rest
+    assert rest.strip().splitlines()[-1].startswith("cancelled: the Hugging Face Job was cancelled; nothing was pushed")
+    assert "alice/interrupted" not in hub.repos and TOKEN not in seen + rest + job.log_text()
