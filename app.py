@@ -17,7 +17,11 @@ folder that is removed after the push.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator
+
+if os.environ.get("SPACES_ZERO_GPU"):  # a ZeroGPU Space: `spaces` must come before anything touches CUDA
+    import spaces  # noqa: F401
 
 from merger.app import demo, where
 from merger.app.demo import Settings
@@ -214,6 +218,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
 
 
 def main() -> None:
+    where.prepare()  # ZeroGPU registers its @spaces.GPU functions at start-up
     settings = demo.settings_from_env()
     app = build_app(settings)
     app.queue(default_concurrency_limit=1)

@@ -66,6 +66,9 @@ def fake_spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN20
 
     spaces = importlib.reload(spaces)
     spaces.EVENT_THREAD = threading.current_thread()
+    monkeypatch.setattr(zerogpu, "_WINDOW", [])
+    zerogpu.prepare()  # as app.py does at start-up
+    assert zerogpu._WINDOW
     yield spaces
     monkeypatch.delitem(__import__("sys").modules, "spaces")
 
@@ -98,7 +101,7 @@ def test_merge_runs_in_a_window_opened_from_the_event_thread(fake_spaces, parent
     assert run.snapshot().status == DONE, run.snapshot().error
     (call,) = fake_spaces.CALLS
     needs = needs_from_report(check(parse_recipe(RECIPE, allow_local=False)))
-    assert call["seconds"] == zerogpu.window_seconds(needs) and call["size"] == "large"
+    assert call["seconds"] == zerogpu.window_seconds(needs) and call["size"] is None  # spaces' default: large
     # downloads before the window, the merge inside it, the push (none here) after it
     assert max(times["download"]) < call["start"] <= min(times["merge"][1:])  # [0]: "waiting for a window"
     assert max(times["merge"]) <= call["end"]

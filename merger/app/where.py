@@ -26,6 +26,11 @@ def choices(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     return [(here, HERE), ("Run on Hugging Face Jobs (your account, billed per minute)", JOBS)]
 
 
+def prepare() -> None:
+    """What must happen when the app starts (on ZeroGPU: declaring the GPU function)."""
+    zerogpu.prepare()
+
+
 def zerogpu_quota(token: str | None) -> int:
     """The user's daily ZeroGPU seconds: PRO (asked of the Hub) or free; MERGER_ZEROGPU_QUOTA overrides."""
     if os.environ.get("MERGER_ZEROGPU_QUOTA", "").isdigit():

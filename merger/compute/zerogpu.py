@@ -36,7 +36,8 @@ WINDOW_CORES = 8  # CPU cores a ZeroGPU window's process may use for the GGUF st
 WINDOW_MARGIN = 1.5  # the window is the estimate times this, plus START
 WINDOW_START = 30.0  # seconds to fork the worker and attach the GPU
 DAILY_QUOTA = {"free": 5 * 60, "pro": 40 * 60}  # seconds; PRO and Team members, from the ZeroGPU docs
-GPU_BYTES = {"large": 48 * GB, "xlarge": 96 * GB}
+WINDOW_GPU_BYTES = 48 * GB  # size "large" (the default): half an RTX Pro 6000 Blackwell
+_WINDOW: list[Callable[..., Iterator[Any]]] = []  # merge_window under @spaces.GPU, made once at start-up
 
 
 def available(environ: Mapping[str, str] | None = None) -> bool:
@@ -52,11 +53,11 @@ def window_seconds(needs: Needs) -> int:
     return int(math.ceil(WINDOW_START + WINDOW_MARGIN * (merge_seconds(needs, cores=WINDOW_CORES, gpu=True) + gguf)))
 
 
-def refusal(needs: Needs, seconds: int, *, quota: int, size: str = "large") -> str | None:
+def refusal(needs: Needs, seconds: int, *, quota: int) -> str | None:
     """Why this merge cannot run in a ZeroGPU window (and that Jobs can), or None when it fits."""
-    if needs.gpu_bytes > GPU_BYTES[size]:
+    if needs.gpu_bytes > WINDOW_GPU_BYTES:
         return (f"this merge needs {needs.gpu_bytes / GB:.1f} GB of GPU memory, more than a ZeroGPU window has "
-                f"({GPU_BYTES[size] / GB:.0f} GB); run it on Hugging Face Jobs instead")
+                f"({WINDOW_GPU_BYTES / GB:.0f} GB); run it on Hugging Face Jobs instead")
     if seconds > quota:
         return (f"this merge needs about {_span(seconds)} of GPU time, more than your ZeroGPU quota "
                 f"({_span(quota)} a day); run it on Hugging Face Jobs instead")
@@ -83,6 +84,21 @@ class _Pending:
 
 def _window_duration(step: Any, seconds: int) -> int:
     return seconds
+
+
+def prepare() -> None:
+    """Decorate the GPU window now: ZeroGPU looks for @spaces.GPU functions when the Space starts."""
+    if available():
+        window()
+
+
+def window() -> Callable[..., Iterator[Any]]:
+    """merge_window under @spaces.GPU, its duration taken from its `seconds` argument."""
+    if not _WINDOW:
+        import spaces
+
+        _WINDOW.append(spaces.GPU(duration=_window_duration)(merge_window))
+    return _WINDOW[0]
 
 
 def merge_window(step: Callable[..., RunResult], seconds: int) -> Iterator[Event | RunResult]:
@@ -119,10 +135,9 @@ class ZeroGPU:
 
     name = "zerogpu"
 
-    def __init__(self, *, quota_seconds: int = DAILY_QUOTA["free"], size: str = "large") -> None:
-        self.quota_seconds, self.size = quota_seconds, size
+    def __init__(self, *, quota_seconds: int = DAILY_QUOTA["free"]) -> None:
+        self.quota_seconds = quota_seconds
         self._pending: queue.Queue[_Pending] = queue.Queue()
-        self._decorated: Callable[..., Iterator[Any]] | None = None
 
     def submit(self, recipe: Recipe, options: RunOptions) -> ZeroGPUHandle:
         return ZeroGPUHandle(self, recipe, options)
@@ -135,16 +150,16 @@ class ZeroGPU:
         except queue.Empty:
             return
         pending.taken = True
-        window = self._gpu()(pending.step, pending.seconds)
+        gpu = window()(pending.step, pending.seconds)
         try:
-            for item in window:
+            for item in gpu:
                 if isinstance(item, Event):
                     pending.report(item)
                     yield
                 else:
                     pending.result = item
                 if pending.cancel is not None and pending.cancel.is_set():
-                    window.close()
+                    gpu.close()
                     raise CancelledError("the job was cancelled; nothing was written")
             if pending.result is None:
                 raise ModelError("the ZeroGPU window ended without a result; retry, or run on Hugging Face Jobs")
@@ -152,13 +167,6 @@ class ZeroGPU:
             pending.error = e
         finally:
             pending.done.set()
-
-    def _gpu(self) -> Callable[..., Iterator[Any]]:
-        if self._decorated is None:
-            import spaces
-
-            self._decorated = spaces.GPU(duration=_window_duration, size=self.size)(merge_window)
-        return self._decorated
 
     def hand_over(self, step: Callable[..., RunResult], report: EventCallback, cancel: threading.Event | None,
                   seconds: int) -> RunResult:
@@ -191,7 +199,7 @@ class ZeroGPUHandle(Handle):
             raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}")
         needs = needs_from_report(report)
         seconds = window_seconds(needs)
-        why = refusal(needs, seconds, quota=self.backend.quota_seconds, size=self.backend.size)
+        why = refusal(needs, seconds, quota=self.backend.quota_seconds)
         if why:
             raise ModelError(why)
         progress(Event("check", 1.0, f"check passed; the merge gets a ZeroGPU window of {seconds} s"))
