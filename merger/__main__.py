@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     j = r.add_argument_group("Hugging Face Jobs (the merge on your account's hardware; needs --push)")
     j.add_argument("--job", action="store_true",
                    help="run as a Hugging Face Job: parents mounted read-only, the result pushed by the job")
-    j.add_argument("--flavor", metavar="NAME", help="Jobs hardware (default: the cheapest whose RAM, disk and GPU "
-                   "memory fit the check's estimates)")
+    j.add_argument("--flavor", metavar="NAME", help="Jobs hardware (default: the lowest estimated cost among the "
+                   "flavors whose RAM, disk and GPU memory fit the check's estimates)")
     j.add_argument("--job-image", metavar="IMAGE", help="image with this project: a Space running it "
                    "(hf.co/spaces/OWNER/NAME) or a Docker image (default: $MERGER_JOB_IMAGE, or this Space's own)")
     j.add_argument("--progress-lines", action="store_true",

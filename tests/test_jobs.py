@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from merger.__main__ import main
-from merger.app.runs import CANCELLED, DONE, FAILED, RunQueue
+from merger.app.runs import CANCELLED, DONE, RunQueue
 from merger.compute.jobs import Jobs
 from merger.compute.resources import needs_from_report, run_seconds, timeout_seconds
 from merger.pipeline import Event, RunOptions, check

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..compute import Backend, Handle, Here, Outcome, read_outcome  # noqa: F401  (Outcome, read_outcome: re-exported)
+from ..compute import Backend, Handle, Here, Outcome
 from ..errors import CancelledError, MergerError
 from ..pipeline import Event, RunOptions
 from ..recipe import Recipe
