@@ -158,3 +158,21 @@ def test_window_duration_follows_the_planned_bytes() -> None:
     assert zerogpu.refusal(big, zerogpu.window_seconds(big), quota=zerogpu.DAILY_QUOTA["pro"]) is None
     huge = Needs(**{**vars(big), "gpu_bytes": 60 * GB})
     assert "60.0 GB of GPU memory, more than a ZeroGPU window has (48 GB)" in zerogpu.refusal(huge, 10, quota=600)
+
+
+def test_check_in_the_app_says_whether_the_window_holds_the_merge(fake_spaces, parents,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from merger.app import where
+
+    recipe = parse_recipe(RECIPE, allow_local=False)
+    report = check(recipe)
+    seconds = zerogpu.window_seconds(needs_from_report(report))
+    assert where.choices()[0] == ("Run here (ZeroGPU)", where.HERE)
+    assert where.zerogpu_quota("hf_alice_write") == 300  # a free account (the Hub says isPro: false)
+    assert isinstance(where.backend(where.HERE, token=None), zerogpu.ZeroGPU)
+    assert where.plan_markdown(where.HERE, recipe, report, token=None, quants=()) == \
+        f"ZeroGPU: the merge gets a GPU window of about {seconds} s."
+    monkeypatch.setenv("MERGER_ZEROGPU_QUOTA", "20")
+    assert where.plan_markdown(where.HERE, recipe, report, token=None, quants=()) == (
+        f"✗ this merge needs about {seconds} s of GPU time, more than your ZeroGPU quota (20 s a day); "
+        "run it on Hugging Face Jobs instead")
