@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_file
 
-from merger import tiny
+from merger.app import tiny
 from merger.pipeline import merge_local, resolve_local
 from merger.recipe import parse_recipe
 from merger.sources import read_local_headers
