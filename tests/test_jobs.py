@@ -307,3 +307,13 @@ def test_ctrl_c_in_the_cli_cancels_the_job(hub: HubServer, parents: dict[str, st
     assert cli.returncode == 130 and job.stage == "CANCELED", seen + rest
     assert rest.strip().splitlines()[-1].startswith("cancelled: the Hugging Face Job was cancelled; nothing was pushed")
     assert "alice/interrupted" not in hub.repos and TOKEN not in seen + rest + job.log_text()
+
+
+def test_a_recipe_that_fails_the_check_creates_no_job(hub: HubServer, parents: dict[str, str], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text(RECIPE.replace("alice/chat", "alice/chta"), encoding="utf-8")
+    rc = main(["run", str(path), "--job", "--job-image", IMAGE, "--push", "alice/merged", "--token", TOKEN])
+    err = capsys.readouterr().err
+    assert rc == 2 and not hub.jobs.jobs and "alice/merged" not in hub.repos
+    assert err.strip().splitlines()[-1].startswith("error: alice/chta was not found on the Hub")

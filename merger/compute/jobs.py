@@ -69,7 +69,8 @@ def list_flavors(token: str | None) -> list[Flavor]:
 
 
 def plan_job(recipe: Recipe, options: RunOptions, *, flavor: str | None = None, report: Any = None) -> JobPlan:
-    """Check the recipe (headers only), pin the parents and choose the hardware."""
+    """Pin the parents, check the recipe at those commits (headers only) and choose the hardware; `report`
+    is a check the caller already made (to show the plan beside it)."""
     from ..hub import resolve
     from ..pipeline import check
 
@@ -77,15 +78,16 @@ def plan_job(recipe: Recipe, options: RunOptions, *, flavor: str | None = None, 
     if local:
         raise ModelError(f"a Hugging Face Job can only merge Hub models, and {local[0]} is a local folder; "
                          "upload it to the Hub first, or run the merge here")
-    if report is None:
-        report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
+    parents = {ref: resolve(ref, token=options.token).sha for ref in recipe.referenced_models()}
+    if report is None:  # checked at the very commits the job will mount
+        pinned = recipe.with_models({ref: ModelRef(ref.repo, sha) for ref, sha in parents.items()})
+        report = check(pinned, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         fix = f"; {errors[0].fix}" if errors[0].fix else ""
         raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}")
     needs = needs_from_report(report)
     choice = choose_flavor(list_flavors(options.token), needs, wanted=flavor)
-    parents = {ref: resolve(ref, token=options.token).sha for ref in recipe.referenced_models()}
     return JobPlan(needs, choice, parents)
 
 
