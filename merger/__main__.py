@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also load pickle .bin weights (with torch's safe weights-only loader)")
         sp.add_argument("--gguf", default="", metavar="TYPES",
                         help="comma-separated GGUF types to produce, e.g. Q4_K_M,Q8_0 (F16, BF16, F32 too)")
+        sp.add_argument("--strict", action="store_true",
+                        help="treat the recipe's warnings (keys mergekit ignores, e.g. a misspelt 'nomalize') "
+                             "as errors")
 
     c = sub.add_parser("check", help="validate a recipe and its models without downloading weights",
                        description="Validate a recipe and its models from config.json, tokenizer configs and "
@@ -122,7 +125,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .pipeline import check
 
     recipe = _read_recipe(args.recipe)
-    report = check(recipe, token=args.token, gguf=_gguf_types(args.gguf), allow_bin=args.allow_bin)
+    report = check(recipe, token=args.token, gguf=_gguf_types(args.gguf), allow_bin=args.allow_bin,
+                   strict=args.strict)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.ok else 1
 
@@ -132,11 +136,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .writer import parse_size
 
     recipe = _read_recipe(args.recipe)
+    if not args.strict:
+        for w in recipe.warnings:
+            print(f"warning: {w}", file=sys.stderr)
     options = RunOptions(out_dir=Path(args.out_dir), device=args.device, seed=args.seed,
                          shard_size=parse_size(args.shard_size), allow_bin=args.allow_bin,
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
-                         overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
+                         overwrite_repo=args.overwrite_repo, skip_check=args.no_check, strict=args.strict,
                          allow_local=not os.environ.get("SPACE_ID"))
     bar = StderrProgress()
     cancel = threading.Event()

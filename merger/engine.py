@@ -213,6 +213,22 @@ def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
                      warnings)
 
 
+def output_parameters(method: Method, recipe: Recipe, out: PlannedOutput) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The shared values and each input's values for one output tensor, by mergekit's precedence
+    (the input's own, the slice's, the top level's, the default). RecipeError names a required
+    parameter that no scope gives a value for this tensor (e.g. only under filters it does not match).
+    """
+    shared = {p.name: resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
+              for p in method.params if not p.per_model}
+    per_model = []
+    for j, src in enumerate(out.sources):
+        own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
+        per_model.append({p.name: resolve_parameter(p, (*own, out.slice_params, recipe.params),
+                                                    src.ref.source_name, out.t)
+                          for p in method.params if p.per_model and not (p.non_base and j == out.base_index)})
+    return shared, per_model
+
+
 def _has_scale(s: Slice, recipe: Recipe) -> bool:
     return any("scale" in (src.params or {}) for src in s.sources) or "scale" in (s.params or {}) \
         or "scale" in (recipe.params or {})
@@ -407,20 +423,7 @@ class MergeRunner:
 
     def _merge(self, out: PlannedOutput, tensors: list[torch.Tensor]) -> torch.Tensor:
         method = self.plan.method
-        recipe = self.plan.recipe
-        shared, per_model = {}, []
-        for p in method.params:
-            if not p.per_model:
-                shared[p.name] = resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
-        for j, src in enumerate(out.sources):
-            values = {}
-            src_name = src.ref.source_name
-            own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
-            for p in method.params:
-                if not p.per_model or (p.non_base and j == out.base_index):
-                    continue
-                values[p.name] = resolve_parameter(p, (*own, out.slice_params, recipe.params), src_name, out.t)
-            per_model.append(values)
+        shared, per_model = output_parameters(method, self.plan.recipe, out)
         generator = None
         if method.randomized:
             generator = torch.Generator(device="cpu")

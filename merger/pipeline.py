@@ -56,6 +56,7 @@ class RunOptions:
     overwrite_repo: bool = False
     allow_local: bool = True
     skip_check: bool = False
+    strict: bool = False  # the recipe's warnings (keys mergekit ignores) stop the run
 
 
 @dataclass
@@ -202,16 +203,18 @@ FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 VERIFY_MAX_PARAMS = 2_000_000_000  # the reference forward runs in fp32 on the CPU: skip it for big models
 
 
-def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False):
+def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
+          strict: bool = False):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights."""
     from .check import check_recipe
 
-    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin)
+    return check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin, strict=strict)
 
 
 def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
-    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin)
+    report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
+                   strict=options.strict)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
