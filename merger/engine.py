@@ -56,6 +56,7 @@ class VocabMap:
 
     index: tuple[torch.Tensor, ...]
     donors: torch.Tensor  # bool [inputs, rows]
+    pad: int = 0  # rows appended past the vocabulary (pad_to_multiple_of): each input's mean row
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,9 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
         shared = (present.sum(0) > 1) & present[base_at]
         donors[:, shared] = False
         donors[base_at, shared] = True
-    return (out_rows, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors)
+    multiple = recipe.pad_to_multiple_of
+    pad = (-out_rows) % multiple if multiple else 0
+    return (out_rows + pad, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors, pad)
 
 
 def _usable_vocab(vocab: Mapping[str, int], info: arch.ModelInfo) -> dict[str, int]:
@@ -488,10 +491,18 @@ def _gather_vocab(tensors: list[torch.Tensor], vocab: VocabMap) -> list[torch.Te
     index = [i.to(device) for i in vocab.index]
     out = [x[i.clamp(min=0)] for x, i in zip(tensors, index)]
     missing = [i < 0 for i in index]
-    if not any(bool(m.any()) for m in missing):
-        return out
+    if any(bool(m.any()) for m in missing):
+        _fill_missing(out, missing, vocab.donors.to(device))
+    if vocab.pad:  # as mergekit (after https://nlp.stanford.edu/~johnhew/vocab-expansion.html)
+        out = [torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(vocab.pad, *rows.shape[1:])]) for rows in out]
+    return out
+
+
+def _fill_missing(out: list[torch.Tensor], missing: list[torch.Tensor], donors: torch.Tensor) -> None:
+    """Rows of tokens an input lacks: the mean of the donors' rows, in place."""
+    device = out[0].device
     needed = torch.stack(missing).any(0)
-    donors = vocab.donors.to(device)[:, needed]
+    donors = donors[:, needed]
     default = torch.zeros((int(needed.sum()), *out[0].shape[1:]), dtype=out[0].dtype, device=device)
     for k, rows in enumerate(out):
         take = donors[k].view(-1, *([1] * (rows.dim() - 1)))
@@ -499,7 +510,6 @@ def _gather_vocab(tensors: list[torch.Tensor], vocab: VocabMap) -> list[torch.Te
     default /= donors.sum(0).clamp(min=1).view(-1, *([1] * (default.dim() - 1)))
     for rows, m in zip(out, missing):
         rows[m] = default[m[needed]]
-    return out
 
 
 __all__ = ["MergePlan", "MergeRunner", "PlannedOutput", "Progress", "plan_merge", "resolve_device",
