@@ -1,48 +1,34 @@
 """llama.cpp (through llama-cpp-python): quantize, split, load and verify GGUF files; the export entry point.
 
-Quantization is llama.cpp's own (`llama_model_quantize`), never re-implemented. Verification loads the
-GGUF the way users will, and compares its logits with the plain torch reference forward of the source
-folder, so a wrong tensor layout or hyperparameter shows up as a number, not as a silent bad model.
+Quantization is llama.cpp's own (`llama_model_quantize`), never re-implemented. Verification of the files
+is quantize/verify.py's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from merger.errors import CancelledError, GGUFError
 from quantize.convert import OUTTYPES, convert_folder, gguf_file_name
-from quantize.reference import reference_logits
 
 __all__ = [
-    "EVAL_TEXT",
     "HUB_FILE_LIMIT",
     "QUANT_TYPES",
-    "VerifyResult",
     "export_gguf",
     "load_gguf",
     "quantize_gguf",
     "split_gguf",
-    "verify_gguf",
 ]
 
 HUB_FILE_LIMIT = 50_000_000_000  # bytes: the Hub refuses single files larger than this
-
-# A short original text for the perplexity figure (not the tokenizer's training text).
-EVAL_TEXT = (
-    "A small boat left the harbour at dawn. The fisherman checked his nets, watched the clouds and "
-    "listened to the radio. By noon the wind had turned, and he decided to come home early."
-)
 
 # Quantization types llama.cpp can produce without an importance matrix, by their usual names.
 QUANT_TYPES: dict[str, str] = {
@@ -162,58 +148,6 @@ def load_gguf(path: str | Path, n_ctx: int = 512):  # noqa: ANN201 - llama_cpp.L
         )
     except ValueError as exc:
         raise GGUFError(f"llama.cpp cannot load {Path(path).name}: {exc}") from None
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """What a user needs to trust a GGUF: it loads, matches the source model, and writes text."""
-
-    path: Path
-    n_tokens: int
-    max_rel_error: float  # max |gguf - reference| / max |reference| over the logits
-    perplexity: float  # of EVAL_TEXT under the GGUF model
-    reference_perplexity: float  # of EVAL_TEXT under the source model
-    sample: str  # greedy continuation of the first words of EVAL_TEXT
-
-
-def _perplexity(logits: torch.Tensor, ids: Sequence[int]) -> float:
-    logp = torch.log_softmax(logits[:-1].double(), -1)
-    nll = -logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean()
-    return math.exp(nll.item())
-
-
-def verify_gguf(
-    path: str | Path, model_dir: str | Path, *, text: str = EVAL_TEXT, max_tokens: int = 64, sample_tokens: int = 12
-) -> VerifyResult:
-    """Load `path` in llama.cpp, compare its logits on `text` with the source folder's, and sample a few tokens."""
-    llm = load_gguf(path, n_ctx=max(128, max_tokens + sample_tokens + 8))
-    try:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=True)[:max_tokens]
-        if len(ids) < 2:
-            raise GGUFError(f"the verification text gives only {len(ids)} token(s); use a longer text")
-        llm.eval(ids)
-        got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        ref = reference_logits(model_dir, ids)
-        if got.shape != ref.shape:
-            raise GGUFError(f"{Path(path).name} gives logits of shape {tuple(got.shape)}, the source {tuple(ref.shape)}")
-        llm.reset()
-        prompt = llm.tokenize(" ".join(text.split()[:4]).encode("utf-8"), add_bos=True)
-        out = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1):
-            if token == llm.token_eos() or len(out) >= sample_tokens:
-                break
-            out.append(token)
-        sample = llm.detokenize(out).decode("utf-8", errors="replace")
-        return VerifyResult(
-            path=Path(path),
-            n_tokens=len(ids),
-            max_rel_error=((got - ref).abs().max() / ref.abs().max()).item(),
-            perplexity=_perplexity(got, ids),
-            reference_perplexity=_perplexity(ref, ids),
-            sample=sample,
-        )
-    finally:
-        llm.close()
 
 
 def base_gguf_type(outtype: str | None, quants: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ from merger.errors import CancelledError, GGUFError
 from merger.app.tiny import FAMILIES, make_tiny_model
 from merger.sources import TensorReader, read_local_headers
 from quantize.convert import GGUFStream, check_convertible, convert_folder, supported_architectures
-from quantize.llama import EVAL_TEXT, export_gguf, load_gguf, quantize_gguf, split_gguf, verify_gguf
+from quantize.llama import export_gguf, load_gguf, quantize_gguf, split_gguf
 from quantize.reference import reference_logits
 from tests.conftest import LLAMA_CPP_DRIVER as _DRIVER
 
@@ -340,11 +340,13 @@ def test_large_files_are_split_and_load_in_llama_cpp(tiny: dict[str, Path], tmp_
     assert _rel(_gguf_logits(streamed[0]), expected) == 0.0
 
 
-def test_verify_reports_error_perplexity_and_sample(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_verify_reports_divergence_perplexity_and_sample(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from merger.eval.text import eval_sections
+    from quantize.verify import Verifier
+
     (path,) = convert_folder(tiny["qwen2"], tmp_path / "v.gguf", "f16")
-    result = verify_gguf(path, tiny["qwen2"], max_tokens=500)
-    assert result.max_rel_error < 1e-3
-    assert result.n_tokens == len(transformers.AutoTokenizer.from_pretrained(tiny["qwen2"])(EVAL_TEXT).input_ids)
+    result = Verifier(tiny["qwen2"], eval_sections()).base(path, "F16")
+    assert result.passed and result.kld_mean < 1e-5 and result.top1 == 1.0
     assert abs(result.perplexity / result.reference_perplexity - 1) < 1e-2
     assert result.perplexity > 1 and isinstance(result.sample, str) and result.sample
 
