@@ -4,7 +4,8 @@
     .venv/bin/python bench/merge.py --wide --layers 1 --repeat 1 [--max-memory 1GB]
 
 A synthetic fp16 Llama shape (default ~0.55B parameters) and two fine-tunes of it are generated; then
-linear (2 models) and ties (3 models) run with our CLI and with mergekit's, each in its own process
+linear (2 models) and ties (3 models) run with our CLI (`--no-eval`: the merge alone, as mergekit does it;
+the perplexity evaluation is timed in bench/verify.py) and with mergekit's, each in its own process
 (peak RSS from the kernel's rusage of that process), beside the I/O floor: reading the bytes of every
 input file once and writing as many bytes as the output once, with plain unbuffered file reads into
 reused buffers and plain writes (no safetensors, no tensor objects); every process, the floor's
@@ -118,7 +119,9 @@ def recipes(models: list[Path], root: Path) -> dict[str, Path]:
 
 def ours(recipe: Path, out: Path, max_memory: str | None = None) -> tuple[float, float]:
     budget = ["--max-memory", max_memory] if max_memory else []
-    return timed([sys.executable, "-m", "merger", "run", str(recipe), str(out), "--device", "cpu", *budget], clean=out)
+    # --no-eval: mergekit does not evaluate; the perplexity of merge and parents is timed in bench/verify.py
+    return timed([sys.executable, "-m", "merger", "run", str(recipe), str(out), "--device", "cpu", "--no-eval",
+                  *budget], clean=out)
 
 
 def wide(root: Path, layers: int, max_memory: str, skip_mergekit: bool) -> None:
