@@ -1,6 +1,6 @@
 """Merge throughput and peak memory, side by side in one run: ours, mergekit's, and the I/O floor.
 
-    .venv/bin/python bench/merge.py [--layers 20] [--hidden 1536] [--vocab 32000] [--skip-mergekit]
+    .venv/bin/python bench/merge.py [--layers 20] [--hidden 1536] [--vocab 32000] [--skip-mergekit] [--budget 512MB]
     .venv/bin/python bench/merge.py --wide --layers 1 --repeat 1 [--max-memory 1GB]
 
 A synthetic fp16 Llama shape (default ~0.55B parameters) and two fine-tunes of it are generated; then
@@ -176,6 +176,8 @@ def main() -> None:
                     help="only the wide-vocabulary shape (hidden 4096, vocab 128256, --layers layers; mergekit "
                     "peaks near 20 GB there: run it alone, e.g. under flock)")
     ap.add_argument("--max-memory", default="1GB", help="our memory budget for the wide shape (default 1GB)")
+    ap.add_argument("--budget", default="512MB",
+                    help="also run our ties with this --max-memory (default 512MB; 'none' to skip)")
     args = ap.parse_args()
     REPEAT = args.repeat
     root = Path(args.workdir or tempfile.mkdtemp(prefix="merge-bench-"))
@@ -197,6 +199,10 @@ def main() -> None:
             rows.append(row)
             shutil.rmtree(root / f"ours-{method}", ignore_errors=True)
             shutil.rmtree(root / f"mk-{method}", ignore_errors=True)
+        budgeted = None
+        if args.budget != "none":
+            budgeted = ours(rec["ties"], root / "ours-budget", args.budget)
+            shutil.rmtree(root / "ours-budget", ignore_errors=True)
         shutil.rmtree(root / "m1")
         big = make_models(root / "m2", args.layers * 2, args.hidden, args.vocab)
         big_s, big_rss = ours(recipes(big, root)["ties"], root / "ours-big")
@@ -215,6 +221,11 @@ def main() -> None:
                      f"{r['ours_rss'] / r['mk_rss']:6.2f}x" if mk else f"{'-':>7}",
                      f"{r['ours_rss'] / r['mkb_rss']:7.2f}x" if mkb else f"{'-':>8}"]
             print(" ".join(cells))
+        if budgeted is not None:
+            b_s, b_rss = budgeted
+            mkb = rows[1].get("mkb_s")
+            vs = (f"; ours / mkb: time {b_s / mkb:.2f}x, RSS {b_rss / rows[1]['mkb_rss']:.2f}x" if mkb else "")
+            print(f"ties, ours with --max-memory {args.budget}: {b_s:.1f}s, peak RSS {b_rss:.2f}G{vs}")
         print(f"ties on {params(big[0]):.2f}B parameters (2x layers): ours {big_s:.1f}s, peak RSS {big_rss:.2f}G "
               f"({big_rss / rows[1]['ours_rss']:.2f}x the RSS at 1x)")
     finally:
