@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .lineage import Lineage
 
 RECIPE_FILE = "mergekit_config.yml"
+MOE_RECIPE_FILE = "mergekit_moe_config.yml"  # mergekit-moe's name for the config of a MoE
 TOOL_TAG = "llm-merger"  # marks repos made by this tool (with RECIPE_FILE), so re-pushes may update them
 EVAL_TASKS = ("arc_challenge", "hellaswag", "mmlu")
 

@@ -47,7 +47,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-from .card import RECIPE_FILE, TOOL_TAG, GGUFFileInfo, ParentInfo, build_gguf_card
+from .card import MOE_RECIPE_FILE, RECIPE_FILE, TOOL_TAG, GGUFFileInfo, ParentInfo, build_gguf_card
 from .errors import HubError, MergerError, ModelError
 from .output import TOKENIZER_FILES
 from .recipe import ModelRef, parse_model_ref
@@ -310,7 +310,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private:
     """Publish a merged model folder as one commit; GGUF files go to their own repo (default NAME-GGUF).
 
     The token's write access to the namespaces is checked before anything is created. An existing repo is
-    only updated when this tool made it (mergekit_config.yml + the tool's tag in its card) or when
+    only updated when this tool made it (mergekit_config.yml or mergekit_moe_config.yml + the tool's tag in its card) or when
     `overwrite` is set. A repo created by this call is deleted again if its commit fails, so a failed
     push never leaves a half-filled repository.
     """
@@ -339,7 +339,8 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private:
     infos = [GGUFFileInfo.from_path(p) for p in ggufs]
     card = build_gguf_card(ModelCard((folder / "README.md").read_text(encoding="utf-8")),
                            model_repo=repo_id, gguf_repo=target_gguf, gguf_files=infos)
-    staged = [(p.name, p) for p in ggufs] + [(RECIPE_FILE, folder / RECIPE_FILE)]
+    staged = [(p.name, p) for p in ggufs] + [(n, folder / n) for n in (RECIPE_FILE, MOE_RECIPE_FILE)
+                                             if (folder / n).is_file()]
     gguf_sha = _publish(api, target_gguf, staged, token=token, private=private, overwrite=overwrite,
                         message=f"Upload GGUF files of {repo_id}", progress=progress,
                         extra={"README.md": str(card).encode("utf-8")})
@@ -536,7 +537,7 @@ def _existing(api: HfApi, repo_id: str, token: str | None) -> Any:
 def _made_by_tool(info: Any) -> bool:
     files = {s.rfilename for s in info.siblings or ()}
     tags = set(info.tags or ()) | set((info.card_data.tags if info.card_data else None) or ())
-    return RECIPE_FILE in files and TOOL_TAG in tags
+    return bool({RECIPE_FILE, MOE_RECIPE_FILE} & files) and TOOL_TAG in tags
 
 
 def _delete_quietly(api: HfApi, repo_id: str) -> None:

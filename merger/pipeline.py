@@ -216,7 +216,10 @@ def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (
     With `out_dir`, the disk estimate is also compared with the free space where the output and the
     download cache will be (an error when it does not fit)."""
     from .check import check_recipe
+    from .moe import is_moe
 
+    if is_moe(recipe):
+        from .moe.check import check_moe as check_recipe
     report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
                           max_memory=max_memory)
     if out_dir is not None and report.estimates is not None:
@@ -295,6 +298,12 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         cancel: threading.Event | None = None) -> RunResult:
     """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure."""
     from .card import GGUFFileInfo, ParentInfo, build_card, hub_origin, local_license, publishable_recipe
+    from .moe import is_moe
+
+    merge = merge_local
+    if is_moe(recipe):  # a mergekit-moe config: assembled, not merged; its own card
+        from .moe.assemble import merge_moe_local as merge
+        from .moe.card import build_moe_card as build_card
 
     report = progress or (lambda event: None)
     if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
@@ -391,7 +400,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         return files + ["README.md"]
 
-    result = merge_local(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
+    result = merge(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
                          shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
                          progress=report, cancel=cancel, before_commit=finalize,
                          extra_sinks=gguf_stream if options.gguf else None, max_memory=options.max_memory)

@@ -349,7 +349,8 @@ def coerce(value: Any, kind: type) -> Any:
 # ---------------------------------------------------------------- parsing
 
 def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | None = None) -> Recipe:
-    """Parse and validate a recipe. Raises RecipeError with one line on any problem."""
+    """Parse and validate a recipe. Raises RecipeError with one line on any problem. A mergekit-moe
+    config (`experts:`, no `merge_method`) gives a merger.moe.MoERecipe instead."""
     from .methods import get_method  # the method registry decides which parameters exist
 
     if not isinstance(text, str):
@@ -358,6 +359,10 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
     if data is None:
         raise RecipeError("the recipe is empty; start from an example such as "
                           "'merge_method: linear' with a 'models:' list")
+    from .moe.config import is_moe_config, parse_moe  # mergekit-moe configs are recipes too
+
+    if is_moe_config(data):
+        return parse_moe(data, text, allow_local=allow_local, base_dir=base_dir)
     _check_keys("the recipe", data, TOP_KEYS)
     if "merge_method" not in data:
         raise RecipeError("the recipe has no 'merge_method'; add one, e.g. 'merge_method: slerp'")

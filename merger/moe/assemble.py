@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import architecture as arch
+from ..card import MOE_RECIPE_FILE
 from ..engine import resolve_device, tensor_seed
 from ..errors import CancelledError, ModelError
 from ..output import commit_output, copy_tokenizer, prepare_output, write_json
@@ -26,7 +27,6 @@ from .config import MoERecipe
 from .gates import degenerate_layers, gate_vectors
 from .plan import MoEOutput, MoEPlan, plan_moe
 
-MOE_RECIPE_FILE = "mergekit_moe_config.yml"  # mergekit-moe's name for the config it was given
 
 
 def expert_tensor(tensor: torch.Tensor, out: MoEOutput, seed: int) -> torch.Tensor:
