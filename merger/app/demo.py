@@ -45,8 +45,9 @@ GGUF_CHOICES: dict[str, str] = {
 # Values written into a starting recipe for parameters that have no default.
 _SUGGESTED = {"t": 0.5, "density": 0.5}
 _NEARSWAP_T = 0.001
-_MODEL_LINE = re.compile(r"^(\s*(?:-\s+)?(?:model|base_model)\s*:\s*)([\"']?)([^\s\"'#]+)\2(\s*(?:#.*)?)$",
-                         re.MULTILINE)
+_MODEL_LINE = re.compile(r"^(\s*(?:-\s+)?(?:model|base_model|source_model)\s*:\s*)"
+                         r"([\"']?)([^\s\"'#]+)\2(\s*(?:#.*)?)$", re.MULTILINE)
+_EXPERTS_LINE = re.compile(r"^experts\s*:", re.MULTILINE)  # a mergekit-moe config
 _METHOD_LINE = re.compile(r"^merge_method\s*:\s*([\"']?)([A-Za-z_]+)\1\s*(?:#.*)?$", re.MULTILINE)
 
 
@@ -247,7 +248,7 @@ def _short_name(model: str) -> str:
 
 def default_repo_name(text: str, username: str | None = None) -> str:
     """`user/<parent>-<parent>-<method>`: a Hub-valid name that says what went in and how."""
-    method = recipe_method(text) or "merge"
+    method = recipe_method(text) or ("moe" if _EXPERTS_LINE.search(text or "") else "merge")
     parts = list(dict.fromkeys(_short_name(m) for m in recipe_models(text)))[:3]
     name = re.sub(r"-{2,}", "-", "-".join([*parts, method.replace("_", "-")]))
     name = re.sub(r"\.{2,}", ".", name)[:96].rstrip("-.")
