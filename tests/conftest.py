@@ -21,9 +21,10 @@ from tests.no_skips import pytest_make_collect_report, pytest_runtest_makereport
 SHARED_RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"
 GALLERY = Path(__file__).resolve().parents[1] / "merger" / "app" / "gallery"
 # The shared examples (CI has shared/ beside the repository; the gallery holds byte-identical copies,
-# tested in test_app.py), plus the gallery's passthrough frankenmerge.
+# tested in test_app.py), plus the gallery's passthrough frankenmerge. The gallery's MoE configs (moe-*.yml)
+# are not merge recipes; tests/test_moe.py runs them.
 EXAMPLE_RECIPES = (sorted(SHARED_RECIPES.glob("*.yml"))
-                   or sorted(p for p in GALLERY.glob("*.yml") if p.name != "index.yml"))
+                   or sorted(p for p in GALLERY.glob("*.yml") if p.name != "index.yml" and not p.name.startswith("moe-")))
 EXAMPLE_RECIPES += [p for p in [GALLERY / "passthrough-frankenmerge.yml"] if p not in EXAMPLE_RECIPES]
 
 

@@ -131,7 +131,7 @@ def test_parse_model_list() -> None:
 def test_gallery_has_the_examples_and_they_parse() -> None:
     entries = load_gallery()
     methods = [parse_recipe(e.text).method for e in entries]
-    assert methods == ["ties", "dare_ties", "linear", "slerp", "slerp", "slerp", "passthrough"]
+    assert methods == ["ties", "dare_ties", "linear", "slerp", "slerp", "slerp", "passthrough", "moe"]
     assert all(e.title and 20 < len(e.when) < 160 and "\n" not in e.when for e in entries)
     by_key = {e.key: parse_recipe(e.text) for e in entries}
     assert by_key["ties-normalize.yml"].params["normalize"] is True

@@ -139,8 +139,10 @@ def test_cli_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.Cap
 def headers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Header-only models (no tensor bytes): the check must not need any."""
     root = tmp_path_factory.mktemp("moe-headers")
-    make = lambda name, family="llama", **kw: make_tiny_model(root / name, family, num_layers=2,  # noqa: E731
-                                                               header_only=True, **kw)
+
+    def make(name: str, family: str = "llama", **kw: object) -> Path:
+        return make_tiny_model(root / name, family, header_only=True, **{"num_layers": 2, **kw})
+
     return {"base": make("base"), "a": make("a", seed=1), "b": make("b", seed=2), "wide": make("wide", hidden=32),
             "deep": make("deep", num_layers=3), "qwen": make("qwen", "qwen2"), "qwen_b": make("qwen_b", "qwen2", seed=3)}
 
