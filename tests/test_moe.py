@@ -198,6 +198,21 @@ def test_cli_check_of_a_moe_exits_0(headers: dict[str, Path], tmp_path: Path,
     assert any("Qwen2MoeForCausalLM (Qwen MoE)" in p["message"] for p in report["problems"])
 
 
+def test_check_refuses_gguf_llama_cpp_cannot_reproduce(headers: dict[str, Path]) -> None:
+    """llama.cpp's qwen2moe has no tied head and no top-k renormalisation (measured: the GGUF of a 1-of-2 Qwen
+    MoE fails verification with KL divergence 0.04); Mixtral is fine."""
+    shared = [{"source_model": str(headers["base"]), "positive_prompts": ["hi"]}]
+    one_of_two = check_moe(_local(headers, "base", ["a", "b"], shared_experts=shared, experts_per_token=1),
+                           gguf_types=["Q8_0"])
+    assert not one_of_two.ok and "does not renormalise" in one_of_two.to_text()
+    assert check_moe(_local(headers, "base", ["a", "b"], shared_experts=shared), gguf_types=["Q8_0"]).ok
+    assert check_moe(_local(headers, "base", ["a", "b"], shared_experts=shared, experts_per_token=1)).ok
+    tied = [{"source_model": str(headers["qwen"]), "positive_prompts": ["hi"]}]
+    report = check_moe(_local(headers, "qwen", ["qwen", "qwen_b"], shared_experts=tied), gguf_types=["Q8_0"])
+    assert "needs an output head of its own" in report.to_text() and not report.ok
+    assert check_moe(_local(headers, "base", ["a", "b"], experts_per_token=1), gguf_types=["Q8_0"]).ok
+
+
 # ---------------------------------------------------------------- the app and the card
 
 def test_gallery_moe_recipe_runs_on_the_demo_models(tmp_path: Path) -> None:
