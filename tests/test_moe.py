@@ -213,6 +213,43 @@ def test_check_refuses_gguf_llama_cpp_cannot_reproduce(headers: dict[str, Path])
     assert check_moe(_local(headers, "base", ["a", "b"], experts_per_token=1), gguf_types=["Q8_0"]).ok
 
 
+def test_check_of_hub_models_reads_headers_only(hub, llama_family: dict[str, Path]) -> None:  # noqa: ANN001
+    """Hub parents: configs and safetensors headers by Range requests; no weight byte leaves the server."""
+    for name in ("base", "chat", "code"):
+        hub.upload_folder(llama_family[name], f"acme/{name}")
+    hub.stats.__init__()
+    report = check_moe(parse_recipe(config(base_model="acme/base", experts=[
+        {"source_model": "acme/chat", "positive_prompts": ["x"]},
+        {"source_model": "acme/code", "positive_prompts": ["y"]}])))
+    assert report.ok, report.to_text()
+    from merger.architecture import inspect_local
+
+    assert report.estimates.download_bytes == sum(inspect_local(llama_family[n]).size_bytes for n in ("base", "chat",
+                                                                                                      "code"))
+    for name in ("base", "chat", "code"):
+        served = hub.stats.bytes_served[(f"acme/{name}", "model.safetensors")]
+        assert 0 < served < 100_000 < (llama_family[name] / "model.safetensors").stat().st_size
+
+
+def test_noise_is_reproducible_from_the_seed() -> None:
+    import torch
+
+    from merger.moe.assemble import expert_tensor
+    from merger.moe.config import Expert
+    from merger.moe.plan import MoEOutput
+    from merger.recipe import ModelRef
+
+    expert = Expert(ModelRef(A), ("x",), noise_scale=0.1, residual_scale=2.0)
+    down = MoEOutput("model.layers.0.block_sparse_moe.experts.0.w2.weight", (256, 512), ModelRef(A), "n", expert,
+                     residual=True)
+    zeros = torch.zeros(256, 512)
+    first, again, other = (expert_tensor(zeros, down, seed) for seed in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert abs(first.std().item() - 0.2) < 0.005  # noise_scale 0.1, then residual_scale 2
+    up = MoEOutput("model.layers.0.block_sparse_moe.experts.0.w3.weight", (256, 512), ModelRef(A), "n", expert)
+    assert abs(expert_tensor(zeros, up, 1).std().item() - 0.1) < 0.003  # no residual_scale off down_proj
+
+
 # ---------------------------------------------------------------- the app and the card
 
 def test_gallery_moe_recipe_runs_on_the_demo_models(tmp_path: Path) -> None:
