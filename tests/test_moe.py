@@ -231,6 +231,18 @@ def test_check_of_hub_models_reads_headers_only(hub, llama_family: dict[str, Pat
         assert 0 < served < 100_000 < (llama_family[name] / "model.safetensors").stat().st_size
 
 
+def test_a_moe_on_the_hub_gives_its_config_for_a_remix(hub) -> None:  # noqa: ANN001
+    from merger.app.gallery import recipe_from_hub
+
+    text = config()
+    hub.create_repo("acme/moe-file")
+    hub.commit_files("acme/moe-file", {"mergekit_moe_config.yml": text.encode()})
+    assert recipe_from_hub("acme/moe-file") == text
+    hub.create_repo("acme/moe-card")
+    hub.commit_files("acme/moe-card", {"README.md": f"# A MoE\n\n```yaml\n{text}```\n".encode()})
+    assert recipe_from_hub("acme/moe-card") == text
+
+
 def test_noise_is_reproducible_from_the_seed() -> None:
     import torch
 

@@ -18,8 +18,9 @@ import torch
 from .. import architecture as arch
 from ..card import MOE_RECIPE_FILE
 from ..engine import resolve_device, tensor_seed
-from ..errors import CancelledError, ModelError
+from ..errors import ModelError
 from ..output import commit_output, copy_tokenizer, prepare_output, write_json
+from ..pipeline import Event, RunResult, _cancelled, os_error_message
 from ..recipe import ModelRef
 from ..sources import TORCH_DTYPES, open_reader
 from ..writer import DEFAULT_SHARD_SIZE, PlannedTensor, ShardedWriter
@@ -44,11 +45,6 @@ def expert_tensor(tensor: torch.Tensor, out: MoEOutput, seed: int) -> torch.Tens
     return tensor
 
 
-def _cancelled(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise CancelledError("the job was cancelled; nothing was written")
-
-
 def merge_moe_local(recipe: MoERecipe, folders: Mapping[ModelRef, Path], out_dir: Path, *, device: str = "auto",
                     seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, allow_bin: bool = False,
                     overwrite: bool = False, progress: Callable[[Any], None] | None = None,
@@ -59,8 +55,6 @@ def merge_moe_local(recipe: MoERecipe, folders: Mapping[ModelRef, Path], out_dir
     """Build the MoE of `recipe` from models on disk into out_dir, atomically (merger.pipeline.merge_local's
     contract: the same hooks, a RunResult whose plan is the MoEPlan). `max_memory` is accepted for that
     contract; a MoE copies whole tensors, so its working memory is the largest tensor."""
-    from ..pipeline import Event, RunResult, os_error_message
-
     started = time.monotonic()
     report = progress or (lambda event: None)
     infos = {ref: arch.inspect_local(folders[ref], ref=ref, allow_bin=allow_bin) for ref in recipe.referenced_models()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from ..architecture import ModelInfo
 from ..budget import BASE_RAM
 from ..card import ParentInfo, license_conflict
 from ..check import (DTYPE_BYTES, ERROR, FLOAT_GGUF, GGUF_BITS, GGUF_WORK_BUFFERS, NOTE, WARNING, CheckReport,
@@ -56,7 +57,7 @@ def check_moe(recipe: MoERecipe, *, inspect: Inspector | None = None, token: str
     return CheckReport(recipe, models, access, licenses, list(dict.fromkeys(problems)), estimates, gguf)
 
 
-def _plan_problems(recipe: MoERecipe, plan: MoEPlan, models: dict[ModelRef, object]) -> list[Problem]:
+def _plan_problems(recipe: MoERecipe, plan: MoEPlan, models: dict[ModelRef, ModelInfo]) -> list[Problem]:
     out = [Problem(NOTE, f"output: {plan.family.architectures[0]} ({plan.architecture}) with "
                          f"{len(recipe.experts)} experts, {recipe.experts_per_token} per token"
                          + (", 1 shared expert" if recipe.shared_experts else "")

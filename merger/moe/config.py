@@ -10,13 +10,12 @@ crashes on (an unknown gate_mode) is refused with one line.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import RecipeError
-from ..recipe import ModelRef, parse_model_ref
+from ..recipe import ModelRef, _suggest, parse_model_ref
 
 TOP_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
@@ -89,11 +88,6 @@ class MoERecipe:
 def is_moe_config(data: Any) -> bool:
     """A parsed YAML document is a mergekit-moe config when it has `experts` and no `merge_method`."""
     return isinstance(data, dict) and "experts" in data and "merge_method" not in data
-
-
-def _suggest(word: str, options: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(word).lower(), options, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _unknown_keys(where: str, mapping: dict, allowed: tuple[str, ...]) -> list[str]:

@@ -22,6 +22,7 @@ from ..architecture import ModelInfo, expected_tensors
 from ..errors import ModelError
 from ..families import FAMILY_BY_NAME, Family
 from ..recipe import ModelRef
+from ..sources import DTYPE_BYTES
 from .config import Expert, MoERecipe
 
 _ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
@@ -61,7 +62,7 @@ class MoEPlan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(math.prod(o.shape) for o in self.outputs) * {"F64": 8, "F32": 4}.get(self.st_dtype, 2)
+        return sum(math.prod(o.shape) for o in self.outputs) * DTYPE_BYTES[self.st_dtype]
 
 
 def select_architecture(recipe: MoERecipe, model_types: Mapping[ModelRef, str | None]) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from ...errors import HubError, RecipeError
+from ...card import MOE_RECIPE_FILE
+from ...moe.config import is_moe_config
 from ...recipe import parse_model_ref
 
 GALLERY_DIR = Path(__file__).resolve().parent
@@ -61,21 +63,22 @@ def recipe_in_readme(readme: str) -> str | None:
             data = yaml.safe_load(block)
         except yaml.YAMLError:
             continue
-        if isinstance(data, dict) and "merge_method" in data:
+        if isinstance(data, dict) and ("merge_method" in data or is_moe_config(data)):
             return block
     return None
 
 
 def recipe_from_hub(repo: str, *, token: str | None = None) -> str:
-    """The recipe a merged Hub model was made from: its mergekit_config.yml, else the README's YAML block."""
+    """The recipe a merged Hub model was made from: its mergekit_config.yml (mergekit_moe_config.yml for a
+    mergekit-moe MoE), else the README's YAML block."""
     from ...hub import read_text, resolve
 
     ref = parse_model_ref(repo, "the model to read a recipe from", allow_local=False)
     model = resolve(ref, token=token)
-    for name in (RECIPE_FILE, "README.md"):
+    for name in (RECIPE_FILE, MOE_RECIPE_FILE, "README.md"):
         if name in model.files:
             text = read_text(model, name, token=token)
-            found = text if name == RECIPE_FILE else recipe_in_readme(text)
+            found = text if name != "README.md" else recipe_in_readme(text)
             if found:
                 return found
     raise HubError(f"{ref} has neither {RECIPE_FILE} nor a YAML recipe block in its README; "
