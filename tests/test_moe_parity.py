@@ -42,7 +42,7 @@ def moe_config(base: Path, experts: list[Path], gate_mode: str, *, shared: Path 
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def build_both(tmp: Path, text: str, seed: int = 0) -> tuple[Path, Path]:
+def build_both(tmp: Path, text: str, seed: int = 0, *options: str) -> tuple[Path, Path]:
     """The config built by mergekit-moe and by us; both must succeed."""
     config = tmp / "moe.yml"
     config.write_text(text)
@@ -51,7 +51,8 @@ def build_both(tmp: Path, text: str, seed: int = 0) -> tuple[Path, Path]:
     done = subprocess.run([str(MERGEKIT_MOE), str(config), str(theirs), "--device", "cpu", "--random-seed", str(seed)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert merger_main(["run", str(config), str(ours), "--device", "cpu", "--seed", str(seed), "--no-eval"]) == 0
+    assert merger_main(["run", str(config), str(ours), "--device", "cpu", "--seed", str(seed), "--no-eval",
+                        *options]) == 0
     return theirs, ours
 
 
@@ -104,12 +105,13 @@ def test_mixtral_matches_mergekit_moe(tmp_path: Path, llama_family: dict[str, Pa
 
 def test_random_gates_match_mergekit_moe_with_the_same_seed(tmp_path: Path, llama_family: dict[str, Path]) -> None:
     """mergekit draws random routers from torch's global generator after --random-seed N; ours from a generator
-    seeded with --seed N: the same draws, so the same model (4 experts, fp16 as the parents)."""
+    seeded with --seed N: the same draws, so the same model (4 experts, fp16 as the parents; ours in shards)."""
     experts = [llama_family["chat"], llama_family["med"], llama_family["code"], llama_family["base"]]
     lines = [f"base_model: {llama_family['base']}", "gate_mode: random", "experts:"]
     lines += [f"  - source_model: {p}" for p in experts]
-    theirs, ours = build_both(tmp_path, "\n".join(lines) + "\n", seed=7)
+    theirs, ours = build_both(tmp_path, "\n".join(lines) + "\n", 7, "--shard-size", "300KB")
     assert_same_model(theirs, ours, "random")
+    assert len(list(ours.glob("model-*-of-*.safetensors"))) >= 2 and (ours / "model.safetensors.index.json").is_file()
     gate = canonical_tensors(ours)["model.layers.0.block_sparse_moe.gate.weight"]
     assert gate.dtype == torch.float16 and gate.shape == (4, 64)
     torch.manual_seed(7)
