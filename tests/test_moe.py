@@ -231,6 +231,32 @@ def test_check_of_hub_models_reads_headers_only(hub, llama_family: dict[str, Pat
         assert 0 < served < 100_000 < (llama_family[name] / "model.safetensors").stat().st_size
 
 
+def test_run_with_hub_experts_pushes_the_moe_and_may_push_again(hub, llama_family: dict[str, Path],  # noqa: ANN001
+                                                                 tmp_path: Path) -> None:
+    """Hub parents are pinned and fetched, the MoE is pushed with its card and config; a second push to the
+    same repo is allowed (this tool made it: mergekit_moe_config.yml and the tool's tag)."""
+    from huggingface_hub import ModelCard, snapshot_download
+
+    for name in ("base", "chat", "code"):
+        hub.upload_folder(llama_family[name], f"acme/{name}")
+    text = config(base_model="acme/base", gate_mode="cheap_embed", experts=[
+        {"source_model": "acme/chat", "positive_prompts": ["x"]},
+        {"source_model": "acme/code", "positive_prompts": ["y"]}])
+    path = tmp_path / "moe.yml"
+    path.write_text(text)
+    token = "hf_alice_write"
+    for attempt in (1, 2):
+        args = ["run", str(path), str(tmp_path / "out"), "--push", "alice/tiny-moe", "--token", token, "--no-eval"]
+        assert merger_main(args + (["--overwrite"] if attempt == 2 else [])) == 0
+    pulled = Path(snapshot_download("alice/tiny-moe", cache_dir=tmp_path / "pull", token=token, endpoint=hub.url))
+    assert (pulled / "mergekit_moe_config.yml").read_text() == text
+    assert json.loads((pulled / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    card = ModelCard((pulled / "README.md").read_text())
+    assert card.data.base_model == ["acme/base", "acme/chat", "acme/code"]
+    assert {"moe", "mergekit-moe", "llm-merger"} <= set(card.data.tags)
+    assert "| 0 | [acme/chat](https://huggingface.co/acme/chat) |" in card.text
+
+
 def test_a_moe_on_the_hub_gives_its_config_for_a_remix(hub) -> None:  # noqa: ANN001
     from merger.app.gallery import recipe_from_hub
 
