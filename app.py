@@ -30,19 +30,14 @@ import gradio as gr  # noqa: E402
 
 from merger.errors import MergerError  # noqa: E402
 from merger.app.chat import ChatSessions, resolve_gguf  # noqa: E402
-from merger.app.gallery import gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
+from merger.app.gallery import fit_layer_ranges, gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
 from merger.app.runs import RunQueue  # noqa: E402
-from merger.app import browser, remix, share  # noqa: E402
+from merger.app import browser, hubsearch, page, remix, share  # noqa: E402
 from merger.app.gallery.community import KEY_PREFIX as COMMUNITY_PREFIX, safe_load_community  # noqa: E402
 from merger.app.lineage import render_svg  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
 
-CSS = """
-.merge-progress progress { width: 100%; height: 14px; }
-.merge-progress-head { font-weight: 600; }
-.merge-progress-msg { font-family: monospace; font-size: 0.85em; opacity: 0.8; }
-#recipe-status p { margin: 0; }
-"""
+CSS = page.CSS
 TITLE = "Merge LLMs: check, merge, GGUF, publish"
 
 
@@ -66,74 +61,127 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
 
     def recipe_update(text: str, profile: gr.OAuthProfile | None):  # noqa: ANN202 - gradio updates
         return (text, "\n".join(demo.recipe_models(text)), demo.recipe_method(text) or gr.skip(),
-                demo.default_repo_name(text, _username(profile)), demo.recipe_status(text, allow_local=allow_local))
+                demo.default_repo_name(text, _username(profile)), _status(text))
+
+    def _status(text: str) -> str:
+        return page.status_box(demo.recipe_status(text, allow_local=allow_local))
 
     def from_method(models_text: str, method: str, profile: gr.OAuthProfile | None):  # noqa: ANN202
+        """A starting recipe; the method box itself is not rewritten (that would drop its keyboard focus)
+        and the gallery choice is cleared (the recipe is no longer that example)."""
         try:
-            models = demo.parse_model_list(models_text, allow_local=allow_local)
+            models = demo.parse_model_list(hubsearch.hub_refs_in_lines(models_text), allow_local=allow_local)
             text = demo.starting_recipe(models, method)
         except MergerError as e:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), demo.render_error(e)
-        return recipe_update(text, profile)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), page.error(e), gr.skip()
+        text, models_value, _, name, status_md = recipe_update(text, profile)
+        return text, models_value, gr.skip(), name, status_md, None
 
     def from_models(models_text: str, text: str, method: str, profile: gr.OAuthProfile | None):  # noqa: ANN202
         try:
-            models = demo.parse_model_list(models_text, allow_local=allow_local)
+            cleaned = hubsearch.hub_refs_in_lines(models_text)  # pasted huggingface.co links become org/name
+            models = demo.parse_model_list(cleaned, allow_local=allow_local)
             if models == demo.recipe_models(text):
-                return (gr.skip(),) * 4 + (demo.recipe_status(text, allow_local=allow_local),)
+                return (gr.skip(), cleaned if cleaned != models_text else gr.skip(), gr.skip(), gr.skip(),
+                        _status(text))
             new = demo.sync_models_into_recipe(text, models, method)
         except MergerError as e:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), demo.render_error(e)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), page.error(e)
         return recipe_update(new, profile)
 
     def use_demo(method: str, profile: gr.OAuthProfile | None):  # noqa: ANN202
         return from_method("\n".join(demo.models_for_method(demo_models, method)), method, profile)
 
-    def from_gallery(key: str, models_text: str, profile: gr.OAuthProfile | None):  # noqa: ANN202
+    def from_gallery(key: str, models_text: str, profile: gr.OAuthProfile | None,
+                     oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        """The example with the user's models put in (layer ranges scaled to their depth); the choice is
+        cleared afterwards so that picking the same example again restores it."""
+        entry = gallery_entry(key)
         if key.startswith(COMMUNITY_PREFIX):  # a community recipe names its own models: load it as shared
-            return recipe_update(gallery_entry(key).text, profile)
+            return (*recipe_update(entry.text, profile), None)
         models = [m.strip() for m in (models_text or "").splitlines() if m.strip()]
         models += [m for m in demo_models if m not in models]  # locally, the demo models fill any gap
-        return recipe_update(demo.gallery_recipe(gallery_entry(key).text, models), profile)
+        text = demo.gallery_recipe(entry.text, models)
+        note = ""
+        if entry.layers and text != entry.text:
+            try:
+                text = fit_layer_ranges(text, entry.layers,
+                                        lambda m: demo.layer_count(m, _token(settings, oauth_token)))
+                note = f" Its layer ranges were scaled from {entry.layers}-layer models to yours."
+            except MergerError as e:
+                note = f" Its layer ranges are for {entry.layers}-layer models ({e})."
+        edited, models_value, method_value, name, status_md = recipe_update(text, profile)
+        return (edited, models_value, method_value, name,
+                status_md + page.alert(f"Gallery example **{entry.title}** loaded.{note}", "note"), None)
 
     def from_hub(repo: str, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        """A Hub model's recipe; what went wrong loading it is said under the Load box, not as a recipe error."""
+        from merger.hub import hub_endpoint
+
         try:
-            text = recipe_from_hub(repo.strip(), token=_token(settings, oauth_token))
+            ref = hubsearch.hub_ref(repo, "Load", endpoint=hub_endpoint())
+            text = recipe_from_hub(ref, token=_token(settings, oauth_token))
         except MergerError as e:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), demo.render_error(e)
-        return recipe_update(text, profile)
+            return (gr.skip(),) * 5 + (page.error(e), gr.skip())
+        return (*recipe_update(text, profile), page.alert(f"Loaded the recipe of `{ref}`.", "ok"), ref)
+
+    def suggest(query: str, request: gr.Request, oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        """Hub models whose id contains what is typed (debounced per visitor; see merger.app.hubsearch)."""
+        try:
+            found = SUGGESTER.suggest(query, token=_token(settings, oauth_token),
+                                      visitor=request.session_hash if request else "")
+        except MergerError:
+            found = []
+        if found is None:
+            return gr.skip()
+        return gr.Radio(choices=found, value=None, visible=bool(found))
 
     def on_edit(text: str):  # noqa: ANN202
         models = demo.recipe_models(text)
-        return ("\n".join(models) if models else gr.skip(), demo.recipe_method(text) or gr.skip(),
-                demo.recipe_status(text, allow_local=allow_local))
+        return ("\n".join(models) if models else gr.skip(), demo.recipe_method(text) or gr.skip(), _status(text))
 
-    def check(text: str, quants: list[str], oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
-        """Pre-flight check: configs and headers only, so it answers in seconds."""
+    def add_model(picked: str, models_text: str):  # noqa: ANN202
+        lines = [m for m in (models_text or "").splitlines() if m.strip()]
+        return "\n".join(lines + ([picked] if picked and picked not in lines else [])), "", gr.Radio(visible=False)
+
+    def check(text: str, quants: list[str], oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+        """Pre-flight check: configs and headers only, so it answers in seconds. Remembers the exact text it
+        checked, so the report can be marked stale on the next edit."""
         try:
             report = demo.check_report(settings, text, quants or (), _token(settings, oauth_token))
         except Exception as e:  # one line for the user either way; a bug also goes to the server log
             if not isinstance(e, MergerError):
                 logging.getLogger("merger.app").exception("check failed")
-            return demo.render_error(e), demo.render_error(e)
-        return demo.render_check(report), demo.recipe_status(text, allow_local=allow_local)
+            md = page.error(e)
+            return md, gr.skip(), page.checked(text, False, md)
+        md = demo.render_check(report)
+        return md, _status(text), page.checked(text, report.ok, md)
 
-    def register() -> tuple[str, str]:
-        """Create the job at click time, so Cancel works while it waits in the queue."""
+    def register(text: str, last: dict | None):  # noqa: ANN202
+        """Create the job at click time, so Cancel works while it waits in the queue; a recipe whose last
+        Check failed does not start."""
+        blocked = page.merge_gate(text, last)
+        if blocked:
+            return BLOCKED, "", gr.skip(), page.alert(f"✗ Merge did not start: {blocked}.")
         job = jobs.new_job()
-        return job.job_id, demo.render_progress(job.snapshot())
+        return (job.job_id, demo.render_progress(job.snapshot()), gr.Button(interactive=True),
+                page.unchecked_note(text, last) or "")
 
     def run_merge(job_id: str, text: str, repo_name: str, private: bool, publish: bool, quants: list[str],
-                  remix_of: dict | None, oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
+                  gguf_repo: bool, remix_of: dict | None,
+                  oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
         """Start the job when the queue gives it its turn, then stream its progress and result."""
+        if job_id == BLOCKED:
+            return
         job = jobs.get(job_id) or jobs.new_job()
         try:
             request = demo.job_request(settings, text, repo_name, private=private, publish=publish,
                                        quants=quants or (), token=_token(settings, oauth_token), job_id=job.job_id,
-                                       expires_at=oauth_token.expires_at if oauth_token else None)
+                                       expires_at=oauth_token.expires_at if oauth_token else None,
+                                       gguf_repo=bool(gguf_repo))
         except MergerError as e:
             job.cancel()
-            yield "", "", demo.render_error(e), ""
+            yield "", "", page.error(e), ""
             return
         request = remix.apply_remix(request, remix_of, text)
         job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep,
@@ -163,15 +211,19 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
                 first = False
             yield gr.skip(), gr.skip(), ""
         except MergerError as e:
-            yield history, message, demo.render_error(e)
+            yield history, message, page.error(e)
 
     def cancel(job_id: str) -> str:
-        return ("Cancelling: the job stops at its next step and removes what it wrote."
-                if jobs.cancel(job_id) else "No job is running.")
+        return page.alert("Cancelling: the job stops at its next step and removes what it wrote."
+                          if jobs.cancel(job_id) else "No job is running.", "note")
 
+    if allow_local:  # result files are offered as download links, served from the outputs folder
+        settings.outputs_dir.mkdir(parents=True, exist_ok=True)
+        gr.set_static_paths([settings.outputs_dir])
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         job_id = gr.State("")
         remix_of = gr.State(None)  # {"source": repo, "models": [...], "text": recipe} after a remix
+        last_check = gr.State(None)  # page.checked(): the exact text of the last Check and its report
         with gr.Row():
             gr.Markdown(f"# {TITLE}\n" + (
                 "Sign in to use your own Hugging Face account for downloads and publishing. To publish into "
@@ -183,35 +235,50 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
                 gr.LoginButton(scale=0, min_width=220)
         with gr.Row():
             with gr.Column(scale=2):
-                models_box = gr.Textbox(label="Models (Hub repo IDs, one per line, @revision allowed)",
-                                        value="\n".join(start_models), lines=4, elem_id="models-box")
+                models_box = gr.Textbox(label="Models (Hub repo IDs or huggingface.co links, one per line, "
+                                        "@revision allowed)", value="\n".join(start_models), lines=4,
+                                        elem_id="models-box")
+                model_search = gr.Textbox(label="Add a model: type to search the Hub", elem_id="model-search",
+                                          placeholder="e.g. llama, qwen, mistral")
+                model_suggest = gr.Radio(label="Matching models (pick one to add it)", choices=[], visible=False,
+                                         elem_id="model-suggest")
                 if allow_local:
                     demo_button = gr.Button("Use the demo models", size="sm", elem_id="use-demo")
                 method = gr.Dropdown(label="Method (writes a starting recipe)", value="slerp",
                                      choices=[(f"{m.pretty_name} ({name})", name) for name, m in METHODS.items()],
                                      elem_id="method")
-                gallery_pick = gr.Radio(label="Recipe gallery", choices=[(e.title, e.key) for e in gallery],
-                                        elem_id="gallery")
-                gr.Markdown("\n".join(f"- **{e.title}**: {e.when}" for e in gallery))
                 with gr.Row():
-                    hub_repo = gr.Textbox(label="Load the recipe of a merged model on the Hub", scale=3,
-                                          placeholder="org/model", elem_id="hub-repo")
+                    hub_repo = gr.Textbox(label="Load the recipe of a merged model on the Hub (Enter loads)",
+                                          scale=3, placeholder="org/model or its huggingface.co link",
+                                          elem_id="hub-repo")
                     hub_load = gr.Button("Load", scale=1, size="sm", elem_id="hub-load")
+                hub_suggest = gr.Radio(label="Matching models (pick one to load its recipe)", choices=[],
+                                       visible=False, elem_id="hub-suggest")
+                hub_status = gr.Markdown(elem_id="hub-status")
             with gr.Column(scale=3):
                 editor = gr.Code(value=start_text, language="yaml", label="Recipe (mergekit YAML)",
                                  lines=18, interactive=True, elem_id="editor")
-                status = gr.Markdown(demo.recipe_status(start_text, allow_local=allow_local), elem_id="recipe-status")
+                gr.Markdown(page.EDITOR_KEYS_NOTE, elem_id="editor-keys")
+                status = gr.Markdown(_status(start_text), elem_id="recipe-status")
+        gallery_pick = gr.Radio(label="Recipe gallery (pick one to put it in the editor with your models)",
+                                choices=[(e.title, e.key) for e in gallery], elem_id="gallery")
+        with gr.Accordion("What each gallery recipe is for", open=False, elem_id="gallery-help"):
+            gr.Markdown("\n".join(f"- **{e.title}**: {e.when}" for e in gallery))
         with gr.Row():
             repo_name = gr.Textbox(label="Output repo name", value=demo.default_repo_name(start_text),
                                    elem_id="repo-name", scale=3)
             private = gr.Checkbox(label="Private", value=True, scale=1)
             publish = gr.Checkbox(label="Publish to the Hub", value=settings.space, scale=1, elem_id="publish")
+            gguf_repo = gr.Checkbox(label="GGUF files in a separate OWNER/NAME-GGUF repo", value=False, scale=2,
+                                    elem_id="gguf-repo")
+        repo_note = gr.Markdown(elem_id="repo-note")
         quants = gr.CheckboxGroup(label="GGUF files (llama.cpp)", choices=demo.gguf_choices(),
                                   value=list(demo.DEFAULT_QUANTS), elem_id="quants")
         with gr.Row():
             check_button = gr.Button("Check", elem_id="check")
             merge_button = gr.Button("Merge", variant="primary", elem_id="merge")
-            cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            cancel_button = gr.Button("Cancel", variant="secondary", interactive=False, elem_id="cancel")
+        run_note = gr.Markdown(elem_id="run-note")
         report = gr.Markdown(elem_id="report")
         progress = gr.HTML(elem_id="progress")
         log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="log")
@@ -228,27 +295,49 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
             chat_status = gr.Markdown(elem_id="chat-status")
 
         recipe_outputs = [editor, models_box, method, repo_name, status]
-        method.input(from_method, [models_box, method], recipe_outputs, queue=False)
+        method.input(from_method, [models_box, method], recipe_outputs + [gallery_pick], queue=False)
         models_box.blur(from_models, [models_box, editor, method], recipe_outputs, queue=False)
         if allow_local:
-            demo_button.click(use_demo, [method], recipe_outputs, queue=False)
-        gallery_pick.input(from_gallery, [gallery_pick, models_box], recipe_outputs, queue=False)
-        hub_load.click(from_hub, [hub_repo], recipe_outputs, concurrency_id="check", concurrency_limit=4)
+            demo_button.click(use_demo, [method], recipe_outputs + [gallery_pick], queue=False)
+        gallery_pick.input(from_gallery, [gallery_pick, models_box], recipe_outputs + [gallery_pick], queue=False)
+        hub_outputs = recipe_outputs + [hub_status, hub_repo]
+        for trigger in (hub_load.click, hub_repo.submit):
+            trigger(from_hub, [hub_repo], hub_outputs, concurrency_id="check", concurrency_limit=4,
+                    show_progress_on=[hub_status])
+        suggest_args = {"trigger_mode": "always_last", "concurrency_id": "suggest", "concurrency_limit": 8,
+                        "show_progress": "hidden"}
+        hub_repo.input(suggest, [hub_repo], [hub_suggest], **suggest_args)
+        hub_suggest.input(lambda picked: (picked, gr.Radio(visible=False)), [hub_suggest], [hub_repo, hub_suggest],
+                          queue=False).then(from_hub, [hub_repo], hub_outputs, concurrency_id="check",
+                                            concurrency_limit=4, show_progress_on=[hub_status])
+        model_search.input(suggest, [model_search], [model_suggest], **suggest_args)
+        model_suggest.input(add_model, [model_suggest, models_box], [models_box, model_search, model_suggest],
+                            queue=False).then(from_models, [models_box, editor, method], recipe_outputs, queue=False)
         editor.input(on_edit, [editor], [models_box, method, status], queue=False, trigger_mode="always_last")
-        check_button.click(check, [editor, quants], [report, status], concurrency_id="check",
+        editor.change(page.report_for, [editor, last_check], [report], queue=False, trigger_mode="always_last")
+        note_inputs = [repo_name, editor, publish, gguf_repo, quants]
+        for trigger in (repo_name.change, publish.change, gguf_repo.change, quants.change):
+            trigger(lambda name, text, pub, sep, q: page.repo_note(name, text, publish=pub, gguf_repo=sep, quants=q),
+                    note_inputs, [repo_note], queue=False)
+        check_button.click(check, [editor, quants], [report, status, last_check], concurrency_id="check",
                            concurrency_limit=4, api_name="check")
-        merge_button.click(register, None, [job_id, progress], queue=False).then(
-            run_merge, [job_id, editor, repo_name, private, publish, quants, remix_of], [progress, log, result, card],
-            concurrency_id="merge", concurrency_limit=1, api_name="merge")
-        cancel_button.click(cancel, [job_id], [report], queue=False)
+        merge_button.click(register, [editor, last_check], [job_id, progress, cancel_button, run_note],
+                           queue=False).then(
+            run_merge, [job_id, editor, repo_name, private, publish, quants, gguf_repo, remix_of],
+            [progress, log, result, card], concurrency_id="merge", concurrency_limit=1, api_name="merge").then(
+            lambda: (gr.Button(interactive=False), ""), None, [cancel_button, run_note], queue=False)
+        cancel_button.click(cancel, [job_id], [run_note], queue=False)
         result.change(chat_target, [job_id], [chat_source], queue=False)
         chat_box.submit(chat_send, [chat_source, chatbot, chat_box], [chatbot, chat_box, chat_status],
                         concurrency_id="chat", concurrency_limit=2)
+        app.load(None, None, None, js=page.EDITOR_KEYS_JS)
         _community_panel(settings, app, recipe_update, recipe_outputs, editor, gallery_pick, remix_of)
     return app
 
 
 RECIPE_BROWSER = browser.RecipeBrowser()  # one cache for every visitor (keyed by query and token)
+SUGGESTER = hubsearch.Suggester()  # Hub model suggestions, cached per query and token
+BLOCKED = "blocked"  # the job id register() gives a Merge click that must not start
 
 
 def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_outputs: list,  # noqa: ANN001
@@ -263,7 +352,7 @@ def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_o
         try:
             rows = RECIPE_BROWSER.search(query, token=_token(settings, oauth_token))
         except MergerError as e:
-            return gr.skip(), gr.skip(), demo.render_error(e)
+            return gr.skip(), gr.skip(), page.error(e)
         found = f"{len(rows)} merged model(s) with a recipe." if rows else "No merged model matches these filters."
         return [r.cells() for r in rows], [r.repo for r in rows], found
 
@@ -275,7 +364,7 @@ def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_o
         try:
             made = remix.remix(repo or "", token=_token(settings, oauth_token), username=_username(profile))
         except MergerError as e:
-            return (gr.skip(),) * 6 + (demo.render_error(e),)
+            return (gr.skip(),) * 6 + (page.error(e),)
         text, models, method_value, _, status = recipe_update(made.text, profile)
         return text, models, method_value, made.repo_name, f"{status}\n\n{made.status()}", made.state(), made.status()
 
@@ -288,7 +377,7 @@ def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_o
                 raise MergerError("pick a model in the results (or type org/name) first")
             return render_svg(family_tree([ref], token=_token(settings, oauth_token)))
         except MergerError as e:
-            return f"<p>{demo.render_error(e)}</p>"
+            return page.error(e)
 
     def share_recipe(text: str, state: dict | None, request: gr.Request) -> tuple[str, str]:
         base = share.base_url(dict(request.headers) if request else {})
@@ -297,20 +386,20 @@ def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_o
                 return share.model_link(base, state["source"]), "A link to the published model's recipe."
             return share.recipe_link(base, text), "The recipe itself travels in the link."
         except MergerError as e:
-            return "", demo.render_error(e)
+            return "", page.error(e)
 
     def share_model(repo: str, request: gr.Request) -> tuple[str, str]:
         try:
             return share.model_link(share.base_url(dict(request.headers) if request else {}), repo or ""), ""
         except MergerError as e:
-            return "", demo.render_error(e)
+            return "", page.error(e)
 
     def publish_recipe(text: str, title: str, description: str, oauth_token: gr.OAuthToken | None) -> str:
         try:
             done = share.publish_recipe(text, title, description, token=_token(settings, oauth_token),
                                         dataset=dataset)
         except MergerError as e:
-            return demo.render_error(e)
+            return page.error(e)
         return (f"Pull request opened on [{done.dataset}]({done.pr_url}): [{done.pr_url}]({done.pr_url}). "
                 f"Once a maintainer merges it, `{done.path}` appears in everyone's gallery.")
 
@@ -319,7 +408,7 @@ def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_o
         try:
             link = share.parse_link(params)
         except MergerError as e:
-            return (gr.skip(),) * 6 + (demo.render_error(e),)
+            return (gr.skip(),) * 6 + (page.error(e),)
         if link is None:
             return (gr.skip(),) * 7
         if link.model:

@@ -439,8 +439,10 @@ def _usage(output_name: str, gguf_files: Sequence[GGUFFileInfo], gguf_repo: str 
 
 def _gguf_usage(files: Sequence[GGUFFileInfo], repo: str | None) -> list[str]:
     pick = next((f for f in files if f.quant_type == "Q4_K_M"), files[0])
-    if repo:
-        cli = f'llama-cli -hf {repo}:{pick.quant_type} -p "The capital of France is" -n 32'
+    if repo:  # gguf-my-repo's lines: llama.cpp downloads the named file from the repo itself
+        cli = "\n".join([f'llama-cli -hf {repo}:{pick.quant_type} -p "The capital of France is" -n 32',
+                         f'llama-cli --hf-repo {repo} --hf-file {pick.filename} -p "The capital of France is"',
+                         f"llama-server --hf-repo {repo} --hf-file {pick.filename} -c 2048"])
         load = [f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{pick.filename}")']
     else:
         cli = f'llama-cli -m {pick.filename} -p "The capital of France is" -n 32'

@@ -371,6 +371,9 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
                 produced = sorted(tmp.glob(m.file[:-len(".gguf")] + "*.gguf"))
                 if m.passed:
                     ggufs.extend(produced)
+                    notice = _fallback_notice(produced, m.gguf_type)
+                    if notice:
+                        warnings.append(notice)
                 else:
                     for path in produced:
                         path.unlink()
@@ -426,6 +429,13 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
         report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
     return result
+
+
+def _fallback_notice(paths: list[Path], gguf_type: str) -> str | None:
+    """llama.cpp's fallback-quantization notice for a produced file (its first part), read from the file."""
+    from quantize.llama import fallback_notice
+
+    return fallback_notice(paths[0], gguf_type) if paths else None
 
 
 def _eval_device(device: str) -> str:

@@ -96,6 +96,32 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant: str) -> Path:
     return dst
 
 
+_K_QUANT_BLOCK = 256  # llama.cpp's K-quants pack rows in super-blocks of 256 values
+
+
+def fallback_notice(path: str | Path, quant: str) -> str | None:
+    """llama.cpp quantizes a K-quant tensor whose rows are not a multiple of 256 values with another type
+    (it says so only on stderr). Read back from the file: one line naming how many tensors fell back, to
+    which types, or None when none did."""
+    if "_K" not in quant:
+        return None
+    reader = gguf.GGUFReader(str(path))
+    fell: dict[str, int] = {}
+    matrices = 0
+    for t in reader.tensors:
+        if len(t.shape) < 2:
+            continue
+        matrices += 1
+        if int(t.shape[0]) % _K_QUANT_BLOCK and "_K" not in t.tensor_type.name and t.tensor_type.name != "F32":
+            fell[t.tensor_type.name] = fell.get(t.tensor_type.name, 0) + 1
+    if not fell:
+        return None
+    kinds = ", ".join(f"{n} as {k}" for k, n in sorted(fell.items()))
+    return (f"{Path(path).name}: {sum(fell.values())} of {matrices} weight matrices have rows that are not a multiple "
+            f"of {_K_QUANT_BLOCK} values, so llama.cpp falls back to other types for them ({kinds}) instead of "
+            f"{quant}; the file is larger than a {quant} file of a full-size model would suggest")
+
+
 def split_gguf(path: str | Path, max_size: int) -> list[Path]:
     """Split a GGUF into `NAME-0000i-of-0000N.gguf` parts of at most about `max_size` bytes (gguf-split layout).
 

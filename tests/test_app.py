@@ -217,9 +217,9 @@ def test_check_rendering(demo_models: list[str]) -> None:
     make_tiny_model(other, "qwen2", seed=3)
     report = check(parse_recipe(bad_text.replace(demo_models[1], other)))
     md = demo.render_check(report)
-    assert "✗ **Not mergeable**" in md and "| severity | problem | fix |" in md
+    assert "✗ **Not mergeable**" in md
     first_error = next(p for p in report.problems if p.severity == "error")
-    assert f"| error | {first_error.message[:30]}" in md
+    assert f"- ✗ **error**: {first_error.message[:30]}" in md
 
 
 def test_recipe_status_and_errors() -> None:
@@ -341,7 +341,8 @@ def test_failed_job_reports_one_line(tmp_path: Path, demo_models: list[str]) -> 
     assert job.wait(30)
     snap = job.snapshot()
     assert snap.status == FAILED and "already exists" in snap.error and "\n" not in snap.error
-    assert demo.render_outcome(snap).startswith("✗ ")
+    assert 'class="msg msg-error" role="alert"' in demo.render_outcome(snap)
+    assert snap.error not in demo.render_progress(snap)  # the reason is shown once, in the result
 
 
 # ---------------------------------------------------------------- the app, served, through gradio_client
@@ -391,7 +392,7 @@ def test_client_check_and_publish_with_oauth_token(served, demo_models: list[str
     text = demo.starting_recipe(demo_models[:2], "slerp")
     client = Client(url, verbose=False, oauth_token="hf_alice_write")
     report, status = client.predict(text, [], api_name="/check")
-    assert report.startswith("### Check: ✓ **OK**") and status.startswith("✓ valid recipe")
+    assert report.startswith("### Check: ✓ **OK**") and "✓ valid recipe" in status
     progress, log, result, card = client.predict(text, "demo-merge", False, True, [], api_name="/merge")
     assert 'data-status="done"' in progress, result
     assert f"{hub.url}/alice/demo-merge" in result  # the bare name went under the token's account
@@ -400,7 +401,7 @@ def test_client_check_and_publish_with_oauth_token(served, demo_models: list[str
     assert 'model_id = "alice/demo-merge"' in hub.file_bytes("alice/demo-merge", "README.md").decode()
     signed_out = Client(url, verbose=False)
     _, _, result, _ = signed_out.predict(text, "demo-merge", False, True, [], api_name="/merge")
-    assert result.startswith("✗ publishing needs you to sign in")
+    assert "✗ publishing needs you to sign in" in result and 'role="alert"' in result
 
 
 def test_two_users_jobs_queue_without_mixing(served, demo_models: list[str]) -> None:  # noqa: ANN001

@@ -61,6 +61,7 @@ def test_body_has_lineage_recipe_usage_and_reproduction() -> None:
     assert "| med-F16.gguf" not in text and "| F16 | 13.50 GB | full quality |" in text
     assert 'model_id = "alice/med"' in text
     assert 'llama-cli -hf alice/med-GGUF:Q4_K_M' in text
+    assert "llama-cli --hf-repo alice/med-GGUF --hf-file " in text and "llama-server --hf-repo alice/med-GGUF" in text
     assert 'Llama.from_pretrained(repo_id="alice/med-GGUF", filename="med-Q4_K_M.gguf")' in text
     assert "| perplexity (wikitext, 1k tokens) | 6.123 |" in text and "| greedy sample | Paris \\| France |" in text
     assert ("lm_eval --model hf --model_args pretrained=alice/med,dtype=auto "

@@ -24,7 +24,9 @@ from ..errors import HubError, MergerError, RecipeError
 from ..methods import METHODS, REQUIRED, get_method
 from ..pipeline import RunOptions
 from ..recipe import Recipe, parse_model_ref, parse_recipe
-from .runs import CANCELLED, FAILED, STAGES, Run, Snapshot
+from .results import (card_markdown, cell as _cell, human_bytes, human_seconds, render_log,  # noqa: F401
+                      render_outcome, render_progress)
+from .runs import Run, Snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_HOST, SPACE_HOST, PORT = "127.0.0.1", "0.0.0.0", 7860
@@ -139,7 +141,7 @@ def substitute_models(text: str, models: Sequence[str]) -> str:
                                      f"{m.group(2)}{m.group(4)}", text)
 
 
-def _layer_count(model: str, token: str | None) -> int:
+def layer_count(model: str, token: str | None) -> int:
     """num_hidden_layers of a local folder or a Hub model (its config.json only)."""
     ref = parse_model_ref(model, "model", allow_local=True)
     if ref.local:
@@ -196,7 +198,7 @@ def _frankenmerge(models: Sequence[str], token: str | None) -> str:
     """Passthrough: the first half of the first model's layers, then each next model's second half."""
     slices = []
     for i, m in enumerate(models):
-        layers = _layer_count(m, token)
+        layers = layer_count(m, token)
         start, end = (0, layers // 2 + layers % 2) if i == 0 else (layers // 4, layers)
         slices.append({"sources": [{"model": m, "layer_range": [start, end]}]})
     return _dump({"slices": slices, "merge_method": "passthrough", "dtype": "float16"})
@@ -280,36 +282,53 @@ def publish_target(name: str, token: str | None) -> str:
 
 # ---------------------------------------------------------------- rendering
 
-def _cell(text: Any) -> str:
-    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
-
-
 def render_check(report: CheckReport) -> str:
-    """The pre-flight report as Markdown: verdict, models table, problems with fixes, estimates."""
+    """The pre-flight report as Markdown: verdict, models table (a model that could not be read is listed as
+    such), problems with their fixes, and estimates only when every model could be read (else they would
+    count some models as 0 B)."""
     d = report.as_dict()
     verdict = "✓ **OK**: the merge can run" if d["ok"] else "✗ **Not mergeable**: fix the errors below"
-    lines = [f"### Check: {verdict}", "", f"Method `{d['method']}`, {len(d['models'])} model(s).", ""]
-    if d["models"]:
-        lines += ["| model | architecture | layers | hidden | vocab | dtype | parameters | access |",
+    named = [str(ref) for ref in report.recipe.referenced_models()]
+    read = {m["ref"]: m for m in d["models"]}
+    missing = [ref for ref in named if ref not in read]
+    count = f"{len(named)} model(s)" + (f", {len(missing)} of them could not be read" if missing else "")
+    lines = [f"### Check: {verdict}", "", f"Method `{d['method']}`, {count}.", ""]
+    if named:
+        lines += ['<div class="report-table">', "",
+                  "| model | architecture | layers | hidden | vocab | dtype | parameters | access |",
                   "|---|---|---|---|---|---|---|---|"]
-        for m in d["models"]:
-            lines.append("| " + " | ".join(_cell(m.get(k, "")) for k in (
-                "ref", "architecture", "layers", "hidden_size", "vocab_size", "dtype", "parameters", "access"))
-                + " |")
-        lines.append("")
+        for ref in named:
+            m = read.get(ref)
+            cells = ([_cell(m.get(k, "")) for k in ("ref", "architecture", "layers", "hidden_size", "vocab_size",
+                                                    "dtype", "parameters", "access")] if m
+                     else [_cell(ref), "**not found**", "", "", "", "", "", "see the error below"])
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "</div>", ""]
     if d["problems"]:
-        lines += ["| severity | problem | fix |", "|---|---|---|"]
         order = ("error", "warning", "note")
         for p in sorted(d["problems"], key=lambda p: order.index(p["severity"])):
-            lines.append(f"| {p['severity']} | {_cell(p['message'])} | {_cell(p['fix'] or '-')} |")
+            mark = {"error": "✗", "warning": "⚠", "note": "ℹ"}[p["severity"]]
+            fix = p["fix"] or (_MISSING_FIX if any(p["message"].startswith(f"{r}:") for r in missing) else "")
+            lines.append(f"- {mark} **{p['severity']}**: {_cell(p['message'])}" + (f"  \n  *Fix:* {_cell(fix)}"
+                                                                                 if fix else ""))
     else:
         lines.append("No problems found.")
-    if d["estimates"]:
+    if d["estimates"] and not missing:
         e = d["estimates"]
-        lines += ["", f"Download {human_bytes(e['download_bytes'])} · output {human_bytes(e['output_bytes'])}"
-                      f" · GGUF {human_bytes(e['gguf_bytes'])} · disk peak {human_bytes(e['disk_bytes'])}"
+        download = (human_bytes(e["download_bytes"]) if e["download_bytes"] else
+                    "nothing (local folders)" if all(ref.local for ref in report.recipe.referenced_models())
+                    else "nothing (already cached)")
+        lines += ["", f"Download {download} · output {human_bytes(e['output_bytes'])}"
+                      + (f" · GGUF {human_bytes(e['gguf_bytes'])}" if e["gguf_bytes"] else "")
+                      + f" · disk peak {human_bytes(e['disk_bytes'])}"
                       f" · RAM {human_bytes(max(e['merge_ram_bytes'], e['gguf_ram_bytes']))}"]
+    elif missing:
+        lines += ["", "Sizes and memory are estimated once every model can be read."]
     return "\n".join(lines)
+
+
+_MISSING_FIX = ("check the spelling (org/name, or the folder path), that the model exists, and that your "
+                "token may read it")
 
 
 def render_error(error: BaseException) -> str:
@@ -317,19 +336,6 @@ def render_error(error: BaseException) -> str:
     if isinstance(error, MergerError):
         return f"✗ {error}"
     return f"✗ internal error ({type(error).__name__}); please report it with your recipe"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def human_seconds(s: float) -> str:
-    s = max(0, int(round(s)))
-    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ---------------------------------------------------------------- jobs
@@ -408,10 +414,11 @@ class JobRequest:
 
 def job_request(settings: Settings, text: str, repo_name: str, *, private: bool, publish: bool,
                 quants: Sequence[str], token: str | None, job_id: str,
-                expires_at: float | None = None) -> JobRequest:
+                expires_at: float | None = None, gguf_repo: bool = False) -> JobRequest:
     """Parse and decide where the job writes: ./outputs/<job>/<name> locally, a temp folder on a Space
     (with the job's own download cache in it). On a Space the sign-in is checked first (`expires_at`:
-    when the OAuth token expires, seconds since the epoch)."""
+    when the OAuth token expires, seconds since the epoch). `gguf_repo`: GGUF files go to OWNER/NAME-GGUF
+    (not the model repo)."""
     import tempfile
 
     recipe = parse_recipe(text, allow_local=settings.allow_local)
@@ -436,6 +443,7 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
     else:
         job_dir = settings.outputs_dir / job_id
     options = RunOptions(out_dir=job_dir / _short_name(name), gguf=tuple(quants), push=push, token=token,
+                         gguf_repo=gguf_repo and bool(push and quants),
                          private=private, allow_local=settings.allow_local,
                          allow_local_paths=settings.allow_local)  # local app: the user's own folders
     return JobRequest(recipe, options, job_dir, keep=not settings.space,
@@ -453,67 +461,6 @@ def follow(job: Run, interval: float = 0.25) -> Iterator[Snapshot]:
             last = snap
         if finished:
             return
-
-
-def render_progress(snap: Snapshot) -> str:
-    """The progress panel: stage k of n, a bar, bytes and ETA, and the latest message."""
-    stage = snap.stage
-    if stage in STAGES:
-        head = f"Step {STAGES.index(stage) + 1}/{len(STAGES)}: {stage}, {snap.fraction:.0%}"
-    else:
-        head = {"queued": "Waiting for its turn in the queue", "done": "Done", "failed": "Failed",
-                "cancelled": "Cancelled"}.get(stage, stage)
-    extra = []
-    if snap.bytes_total:
-        extra.append(f"{human_bytes(snap.bytes_done)} / {human_bytes(snap.bytes_total)}")
-    if snap.eta_seconds is not None:
-        extra.append(f"about {human_seconds(snap.eta_seconds)} left")
-    line = " · ".join([head, *extra])
-    return (f'<div class="merge-progress" data-status="{snap.status}" data-stage="{html.escape(stage)}" '
-            f'data-fraction="{snap.fraction:.3f}"><div class="merge-progress-head">{html.escape(line)}</div>'
-            f'<progress max="1" value="{snap.fraction:.3f}"></progress>'
-            f'<div class="merge-progress-msg">{html.escape(snap.message)}</div></div>')
-
-
-def render_log(snap: Snapshot) -> str:
-    return "\n".join(snap.log)
-
-
-def render_outcome(snap: Snapshot) -> str:
-    """The result panel: links to pushed repos, where the files are, their sizes, the GGUF sanity checks."""
-    if snap.status == CANCELLED:
-        return "Cancelled: nothing was kept."
-    if snap.status == FAILED:
-        return f"✗ {snap.error}"
-    o = snap.outcome
-    if o is None:
-        return ""
-    lines = [f"### ✓ Merged in {o.seconds:.1f} s", ""]
-    if o.verdict:
-        lines = [f"### ⚠ Merged in {o.seconds:.1f} s, but {o.verdict}", ""]
-    lines += [f"Published: [{url}]({url})" for url in o.pushed]
-    if o.out_dir is not None:
-        lines.append(f"Files in `{o.out_dir}`:")
-    lines += ["", "| file | size |", "|---|---|"]
-    lines += [f"| `{_cell(name)}` | {human_bytes(size)} |" for name, size in o.files]
-    if o.sanity:
-        lines += ["", "**GGUF verification** in llama.cpp (KL divergence and top-1 agreement against the "
-                      "reference, perplexity, a greedy sample)", "", "| file | result |", "|---|---|"]
-        lines += [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in o.sanity.items()]
-    if o.quality:
-        lines += ["", "**Evaluation**: the merge against its parents", "",
-                  *[line for line in o.quality if not line.startswith("> **Warning")]]
-    if o.warnings:
-        lines += ["", *[f"- ⚠ {_cell(w)}" for w in o.warnings if w != o.verdict]]
-    return "\n".join(lines)
-
-
-def card_markdown(card: str) -> str:
-    """A model card for display: its YAML front matter as a code block, then the card body."""
-    m = re.match(r"^---\n(.*?)\n---\n?", card, re.DOTALL)
-    if not m:
-        return card
-    return f"```yaml\n{m.group(1)}\n```\n\n{card[m.end():]}"
 
 
 def recipe_status(text: str, *, allow_local: bool) -> str:

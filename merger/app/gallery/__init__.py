@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -32,6 +33,7 @@ class GalleryEntry:
     title: str
     when: str
     text: str
+    layers: int | None = None  # the layer count of the models its layer ranges were written for
 
 
 @lru_cache(maxsize=1)
@@ -39,7 +41,8 @@ def load_gallery() -> tuple[GalleryEntry, ...]:
     """Every gallery entry in display order (read once; the files ship with the package)."""
     index = yaml.safe_load((GALLERY_DIR / "index.yml").read_text(encoding="utf-8"))
     return tuple(GalleryEntry(item["file"], item["title"], item["when"],
-                              (GALLERY_DIR / item["file"]).read_text(encoding="utf-8")) for item in index)
+                              (GALLERY_DIR / item["file"]).read_text(encoding="utf-8"), item.get("layers"))
+                 for item in index)
 
 
 def gallery_entry(key: str) -> GalleryEntry:
@@ -54,6 +57,22 @@ def gallery_entry(key: str) -> GalleryEntry:
         return shared
     raise RecipeError(f"there is no gallery recipe '{key}'; choose one of "
                       + ", ".join(e.key for e in load_gallery()))
+
+
+_LAYER_RANGE = re.compile(r"^(\s*(?:-\s+)?model\s*:\s*[\"']?)([^\s\"'#]+)([\"']?\s*\n\s*layer_range\s*:\s*)"
+                          r"\[\s*(\d+)\s*,\s*(\d+)\s*\]", re.MULTILINE)
+
+
+def fit_layer_ranges(text: str, written_for: int, layer_count: Callable[[str], int]) -> str:
+    """A recipe's `layer_range`s scaled from models of `written_for` layers to each named model's own layer
+    count (a 32-layer frankenmerge example put on 4-layer models keeps its shape and stays valid)."""
+    def scale(m: re.Match) -> str:
+        n = layer_count(m.group(2))
+        start = min(n - 1, round(int(m.group(4)) * n / written_for))
+        end = max(start + 1, min(n, round(int(m.group(5)) * n / written_for)))
+        return f"{m.group(1)}{m.group(2)}{m.group(3)}[{start}, {end}]"
+
+    return _LAYER_RANGE.sub(scale, text)
 
 
 def recipe_in_readme(readme: str) -> str | None:
