@@ -257,7 +257,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
                 hub_status = gr.Markdown(elem_id="hub-status")
             with gr.Column(scale=3):
                 editor = gr.Code(value=start_text, language="yaml", label="Recipe (mergekit YAML)",
-                                 lines=18, interactive=True, elem_id="editor")
+                                 lines=18, interactive=True, elem_id="editor", buttons=["copy"])
                 gr.Markdown(page.EDITOR_KEYS_NOTE, elem_id="editor-keys")
                 status = gr.Markdown(_status(start_text), elem_id="recipe-status")
         gallery_pick = gr.Radio(label="Recipe gallery (pick one to put it in the editor with your models)",

@@ -44,19 +44,31 @@ input::placeholder, textarea::placeholder { color: #4b5563 !important; opacity: 
 # Ctrl+] and Ctrl+[ indent and outdent. Runs once when the page loads (app.load with js only).
 EDITOR_KEYS_JS = """
 () => {
-  if (window.__mergerTabEscape) return;
-  window.__mergerTabEscape = true;
+  if (window.__mergerKeys) return;
+  window.__mergerKeys = true;
+  const stops = () => Array.from(document.querySelectorAll(
+      'a[href], button, input, select, textarea, [tabindex]:not([tabindex="-1"])')).filter(
+      (el) => !el.disabled && el.tabIndex >= 0 && el.getClientRects().length > 0 && !el.closest('#editor'));
   document.addEventListener('keydown', (e) => {
-    if (e.key !== 'Tab' || e.ctrlKey || e.altKey || e.metaKey) return;
-    const editor = e.target && e.target.closest ? e.target.closest('#editor .cm-content') : null;
-    if (!editor) return;
-    e.preventDefault();
-    e.stopPropagation();
-    const selector = 'a[href], button, input, select, textarea, [tabindex]:not([tabindex="-1"]), .cm-content';
-    const stops = Array.from(document.querySelectorAll(selector)).filter(
-      (el) => !el.disabled && el.tabIndex >= 0 && el.getClientRects().length > 0);
-    const next = stops[stops.indexOf(editor) + (e.shiftKey ? -1 : 1)];
-    if (next) next.focus();
+    const editor = e.target && e.target.closest ? e.target.closest('#editor') : null;
+    if (e.key === 'Tab' && editor && e.target.closest('.cm-content') && !e.ctrlKey && !e.altKey && !e.metaKey) {
+      e.preventDefault();
+      e.stopPropagation();
+      const all = stops();
+      const after = (el) => editor.compareDocumentPosition(el) & Node.DOCUMENT_POSITION_FOLLOWING;
+      const next = e.shiftKey ? all.filter((el) => !after(el)).pop() : all.find(after);
+      if (next) next.focus();
+    }
+    if (e.key === 'Enter' && e.target.closest && e.target.closest('#method')) {
+      window.__mergerRefocus = e.target;  // gradio's dropdown blurs itself after a choice: keep the focus there
+    }
+  }, true);
+  document.addEventListener('focusout', (e) => {
+    const input = window.__mergerRefocus;
+    if (input && e.target === input) {
+      window.__mergerRefocus = null;
+      setTimeout(() => { if (document.activeElement === document.body) input.focus(); }, 0);
+    }
   }, true);
 }
 """
