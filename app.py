@@ -32,7 +32,7 @@ from merger.errors import MergerError  # noqa: E402
 from merger.app.chat import ChatSessions, resolve_gguf  # noqa: E402
 from merger.app.gallery import fit_layer_ranges, gallery_entry, load_gallery, recipe_from_hub  # noqa: E402
 from merger.app.runs import RunQueue  # noqa: E402
-from merger.app import browser, hubsearch, page, remix, share  # noqa: E402
+from merger.app import browser, hubsearch, page, quantize_panel, remix, share  # noqa: E402
 from merger.app.gallery.community import KEY_PREFIX as COMMUNITY_PREFIX, safe_load_community  # noqa: E402
 from merger.app.lineage import render_svg  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
@@ -330,6 +330,7 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         result.change(chat_target, [job_id], [chat_source], queue=False)
         chat_box.submit(chat_send, [chat_source, chatbot, chat_box], [chatbot, chat_box, chat_status],
                         concurrency_id="chat", concurrency_limit=2)
+        quantize_panel.build(settings, jobs, lambda t: _token(settings, t), _username, suggest)
         app.load(None, None, None, js=page.EDITOR_KEYS_JS)
         _community_panel(settings, app, recipe_update, recipe_outputs, editor, gallery_pick, remix_of)
     return app

@@ -297,7 +297,7 @@ def test_local_job_writes_outputs_folder(tmp_path: Path, demo_models: list[str])
     assert dict(snap.outcome.files)["model.safetensors"] == (out / "model.safetensors").stat().st_size
     assert snap.outcome.card.startswith("---\n") and "# base-chat-slerp" in snap.outcome.card
     assert demo.card_markdown(snap.outcome.card).startswith("```yaml\nlibrary_name: transformers")
-    assert "| `model.safetensors` |" in demo.render_outcome(snap)
+    assert "| [model.safetensors](gradio_api/file=" in demo.render_outcome(snap)  # a download link
 
 
 def test_cancel_mid_merge_stops_and_cleans_up(tmp_path: Path, demo_models: list[str]) -> None:

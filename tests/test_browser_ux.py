@@ -416,3 +416,51 @@ def test_results_have_verdicts_and_download_links(page, served) -> None:  # noqa
     body = page.evaluate("h => fetch(h).then(r => r.ok ? r.text() : 'HTTP ' + r.status)", href)
     assert '"architectures"' in body
     page.screenshot(path=str(ARTIFACTS / "ux-results.png"), full_page=True)
+
+
+# ---------------------------------------------------------------- quantize a model (no merge)
+
+def test_quantize_a_model_to_a_gguf_repo(page, served, hub_server) -> None:  # noqa: ANN001
+    url, settings, hold = served
+    model = settings.demo_dir / "base"
+    page.locator("#quantize").get_by_text("Quantize a model").click()
+    page.locator("#qm-model input, #qm-model textarea").first.fill(str(model))
+    page.locator("#qm-repo input, #qm-repo textarea").first.fill("alice/base-GGUF")
+    for label, value in demo.gguf_choices():
+        box = page.locator("#qm-quants label", has_text=f"{value}:").locator("input")
+        if box.is_checked() != (value == "Q8_0"):
+            box.click()
+    page.locator("#qm-publish input").check()
+    page.click("#qm-start")
+    page.locator('#qm-progress .merge-progress[data-status="done"]').wait_for()
+    result = page.locator("#qm-result").inner_text()
+    assert "✓ Quantized" in result and "base-GGUF-Q8_0.gguf" not in result and "base-Q8_0.gguf" in result
+    assert f"{hub_server.url}/alice/base-GGUF" in result
+    files = hub_server.repo_files("alice/base-GGUF")
+    assert "base-Q8_0.gguf" in files and "README.md" in files
+    card = hub_server.file_bytes("alice/base-GGUF", "README.md").decode()
+    assert "llama-cli --hf-repo alice/base-GGUF --hf-file base-Q8_0.gguf" in card
+    assert "base_model_relation: quantized" not in card  # a local folder has no Hub parent to name
+    page.screenshot(path=str(ARTIFACTS / "ux-quantized.png"), full_page=True)
+
+
+def test_hub_loading_shows_progress_only_under_the_load_box(page, served, hub_server) -> None:  # noqa: ANN001
+    """A slow Hub (rate-limited twice, so the client waits and retries) keeps the editor and the models usable."""
+    hub_server.inject("info", "rate_limit", times=2, retry_after=1)
+    box = page.locator("#hub-repo input, #hub-repo textarea").first
+    box.fill("alice/demo-recipe")
+    box.press("Enter")
+    covered, shown = set(), False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not page.locator("#hub-status .msg-ok").count():
+        state = page.evaluate("""() => ({
+            covered: ['#editor', '#models-box', '#method', '#repo-name', '#recipe-status'].filter(
+                s => document.querySelector(s + ' .wrap:not(.hide)')),
+            shown: !!document.querySelector('#hub-status .wrap:not(.hide)')})""")
+        covered |= set(state["covered"])
+        shown = shown or state["shown"]
+        time.sleep(0.05)
+    hub_server.clear_faults()
+    page.locator("#hub-status .msg-ok").wait_for()
+    assert shown, "the load showed no progress at all"
+    assert not covered, covered

@@ -168,14 +168,20 @@ def test_sign_in_check_merge_publish_and_users_kept_apart(browser, space: dict) 
     for panel in ("#result", "#report", "#progress"):
         assert bob.locator(panel).inner_text().strip() == ""
     assert bob.locator("#log textarea").input_value() == ""
-    bob.click("#cancel")
-    bob.locator("#report", has_text="No job is running").wait_for()  # her job is not his to reach
+    assert bob.locator("#cancel").is_disabled()  # her job is not his to reach: he has none to cancel
     _use_models(bob)
     assert bob.locator("#repo-name textarea, #repo-name input").first.input_value().startswith("bob/")
     bob.click("#check")
     bob.locator("#report", has_text="Not mergeable").wait_for()
     assert "meta/gated-base is gated: accept its licence" in bob.locator("#report").inner_text()
     _set_quants(bob, set())
+    bob.click("#merge")
+    bob.locator("#run-note", has_text="Merge did not start").wait_for()  # its Check failed
+    assert bob.locator("#progress .merge-progress").count() == 0
+    bob.locator("#editor .cm-content").click()  # edited after the check: the job checks it itself, and refuses
+    bob.keyboard.press("Control+End")
+    bob.keyboard.insert_text("\n# edited after the check\n")
+    bob.locator("#report .msg-stale").wait_for()
     bob.click("#merge")
     _wait_status(bob, "failed")
     assert "is gated" in bob.locator("#result").inner_text()

@@ -93,7 +93,7 @@ def _sanity_rows(sanity: dict[str, str]) -> list[str]:
     return rows
 
 
-def render_outcome(snap: Snapshot) -> str:
+def render_outcome(snap: Snapshot, done: str = "Merged") -> str:
     """The result panel: a verdict, Hub links, download links with sizes, the GGUF verdicts, warnings."""
     if snap.status == CANCELLED:
         return "Cancelled: nothing was kept."
@@ -102,9 +102,9 @@ def render_outcome(snap: Snapshot) -> str:
     o = snap.outcome
     if o is None or snap.status != DONE:
         return ""
-    lines = [f"### ✓ Merged in {o.seconds:.1f} s", ""]
+    lines = [f"### ✓ {done} in {o.seconds:.1f} s", ""]
     if o.verdict:
-        lines = [f"### ⚠ Merged in {o.seconds:.1f} s, but {o.verdict}", ""]
+        lines = [f"### ⚠ {done} in {o.seconds:.1f} s, but {o.verdict}", ""]
     for url in o.pushed:
         label = "GGUF files on the Hub" if url.rstrip("/").endswith("-GGUF") else "Model on the Hub"
         lines.append(f"- **{label}**: [{url}]({url})")

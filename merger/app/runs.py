@@ -30,6 +30,7 @@ MAX_LOG_LINES = 500
 MAX_JOBS_KEPT = 64
 log = logging.getLogger(__name__)
 
+Task = Callable[[Callable[[Event], None], threading.Event], RunResult]  # (progress, cancel) -> result
 EventHook = Callable[["Run", Event], None]  # called in the worker after each event (tests pause here)
 
 
@@ -95,11 +96,12 @@ class Run:
     _error: str | None = None
     _thread: threading.Thread | None = None
 
-    def start(self, recipe: Recipe, options: RunOptions, *, job_dir: Path, keep: bool,
-              cache_dir: Path | None = None) -> None:
+    def start(self, recipe: Recipe | None, options: RunOptions | None, *, job_dir: Path, keep: bool,
+              cache_dir: Path | None = None, task: Task | None = None) -> None:
         """Run in a worker thread. `job_dir` holds out_dir and belongs to this job: it is removed on error
         or cancel, and also after success unless `keep` (a Space keeps nothing once the push is done).
-        With `cache_dir` (inside job_dir) the job downloads into that cache of its own, not the shared one."""
+        With `cache_dir` (inside job_dir) the job downloads into that cache of its own, not the shared one.
+        `task` replaces the merge pipeline (e.g. the app's quantize-only mode) with the same reporting."""
         with self._lock:
             if self.status != QUEUED:
                 raise MergerError(f"job {self.job_id} was already started")
@@ -109,7 +111,7 @@ class Run:
                 self._finished.set()
                 return
             self.status = RUNNING
-        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep, cache_dir),
+        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep, cache_dir, task),
                                         name=f"merge-{self.job_id}", daemon=True)
         self._thread.start()
 
@@ -139,13 +141,15 @@ class Run:
 
     # ------------------------------------------------------------ worker side
 
-    def _work(self, recipe: Recipe, options: RunOptions, job_dir: Path, keep: bool, cache_dir: Path | None) -> None:
+    def _work(self, recipe: Recipe | None, options: RunOptions | None, job_dir: Path, keep: bool,
+              cache_dir: Path | None, task: Task | None) -> None:
         from ..hub import job_cache
 
         kept = False
         try:
             with job_cache(cache_dir) if cache_dir is not None else contextlib.nullcontext():
-                result = run(recipe, options, progress=self._on_event, cancel=self.cancel_event)
+                result = (task(self._on_event, self.cancel_event) if task is not None else
+                          run(recipe, options, progress=self._on_event, cancel=self.cancel_event))
             outcome = read_outcome(result, kept=keep)
             kept = keep
             with self._lock:
