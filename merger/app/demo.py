@@ -8,7 +8,6 @@ and writes to ./outputs/<job>/.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
