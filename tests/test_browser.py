@@ -137,11 +137,12 @@ def test_demo_models_gallery_check_merge(page, served) -> None:  # noqa: ANN001
     fractions, stages = [], []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        bar = page.locator("#progress .merge-progress")
-        if bar.count():
-            status, stage = bar.get_attribute("data-status"), bar.get_attribute("data-stage")
+        bar = page.evaluate("() => { const b = document.querySelector('#progress .merge-progress');"  # one read:
+                            " return b && [b.dataset.status, b.dataset.stage, b.dataset.fraction]; }")  # no mixed panels
+        if bar:
+            status, stage, fraction = bar
             if status == "running" and stage == "merge":
-                fractions.append(float(bar.get_attribute("data-fraction")))
+                fractions.append(float(fraction))
             stages.append(stage)
             if status in ("done", "failed", "cancelled"):
                 break
