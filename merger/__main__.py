@@ -16,6 +16,7 @@ EPILOG = """examples:
   python -m merger check recipe.yml
   python -m merger run recipe.yml ./merged --device auto --seed 0
   python -m merger run recipe.yml ./merged --gguf Q4_K_M,Q8_0 --push me/my-merge
+  python -m merger run recipe.yml ./merged --stream --push me/my-merge
 
 exit codes: 0 success; 1 the check found problems; 2 bad input (recipe, models, options);
 130 cancelled (Ctrl-C)."""
@@ -81,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep a GGUF file that fails verification out of the output and the push, instead of failing")
     r.add_argument("--eval-tokens", type=int, default=256, metavar="N",
                    help="token budget of GGUF verification and of the evaluation (default 256)")
+    r.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the parents' weights from the Hub by range requests while merging instead of "
+                        "downloading them: the disk holds only the output (default: on a Space when the "
+                        "download would not fit on its disk, else download)")
     r.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
@@ -166,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          shard_size=parse_size(args.shard_size), allow_bin=args.allow_bin,
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
-                         overwrite_repo=args.overwrite_repo, skip_check=args.no_check,
+                         overwrite_repo=args.overwrite_repo, skip_check=args.no_check, stream=args.stream,
                          allow_local_paths=args.allow_local_paths,
                          max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
                          allow_local=not os.environ.get("SPACE_ID"), evaluate=not args.no_eval,

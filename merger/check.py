@@ -78,6 +78,7 @@ class CheckReport:
     problems: list[Problem]
     estimates: Estimates | None
     gguf_types: tuple[str, ...] = ()
+    stream: bool = False  # the parents will be read from the Hub while merging, not downloaded
 
     @property
     def ok(self) -> bool:

@@ -198,12 +198,15 @@ def needed_files(model: RemoteModel, *, token: str | None = None, allow_bin: boo
 
 
 def download(model: RemoteModel, *, token: str | None = None, allow_bin: bool = False,
-             progress: Progress | None = None) -> Path:
+             progress: Progress | None = None, weights: bool = True) -> Path:
     """Fetch only the needed files of the pinned commit into the shared cache; returns the snapshot folder.
 
-    A second call finds everything in the cache and makes no request at all.
+    A second call finds everything in the cache and makes no request at all. weights=False fetches the
+    configs and tokenizer only (parents streamed by merger.remote).
     """
     names = needed_files(model, token=token, allow_bin=allow_bin)
+    if not weights:
+        names = [n for n in names if n in (*CONFIG_FILES, *TOKENIZER_FILES, INDEX_FILE)]
     cache = hub_cache_dir()
     cached = sum(model.files.get(n, 0) for n in names if _cached(model, n, cache))
     missing = sum(model.files.get(n, 0) for n in names) - cached
@@ -306,13 +309,15 @@ def check_write_access(repo_id: str, *, token: str | None) -> str:
 def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool, overwrite: bool = False,
                 gguf_files: Sequence[str | Path] = (), gguf_repo: str | None = None,
                 progress: Progress | None = None,
-                commit_message: str = "Upload merged model") -> PushResult:
+                commit_message: str = "Upload merged model", uploader: Any = None) -> PushResult:
     """Publish a merged model folder as one commit; GGUF files go to their own repo (default NAME-GGUF).
 
     The token's write access to the namespaces is checked before anything is created. An existing repo is
     only updated when this tool made it (mergekit_config.yml or mergekit_moe_config.yml + the tool's tag in its card) or when
     `overwrite` is set. A repo created by this call is deleted again if its commit fails, so a failed
-    push never leaves a half-filled repository.
+    push never leaves a half-filled repository. `uploader` (merger.upload.ShardUploader for `repo_id`)
+    holds the repo it prepared and files it already uploaded while the merge ran: they are committed
+    without uploading them again.
     """
     folder = Path(folder)
     validate_repo_id(repo_id)
@@ -332,7 +337,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private:
     else:  # GGUF files inside the folder go to their own repo only
         uploads = [(name, local) for name, local in uploads if all(local.resolve() != p.resolve() for p in ggufs)]
     main_sha = _publish(api, repo_id, uploads, token=token, private=private, overwrite=overwrite,
-                        message=commit_message, progress=progress)
+                        message=commit_message, progress=progress, uploader=uploader)
     result = PushResult(f"{hub_endpoint()}/{repo_id}", main_sha)
     if not ggufs:
         return result
@@ -349,18 +354,21 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private:
 
 def _publish(api: HfApi, repo_id: str, uploads: list[tuple[str, Path]], *, token: str | None, private: bool,
              overwrite: bool, message: str, progress: Progress | None,
-             extra: Mapping[str, bytes] | None = None) -> str:
+             extra: Mapping[str, bytes] | None = None, uploader: Any = None) -> str:
     """Create (or update our own) repo and upload everything in one commit; returns the commit sha."""
-    existing = _existing(api, repo_id, token)
+    # an uploader (merger.upload.ShardUploader) prepared the repo before the merge
+    existing = _existing(api, repo_id, token) if uploader is None else uploader.existing
     if existing is not None and not overwrite and not _made_by_tool(existing):
         raise HubError(f"{repo_id} already exists and was not made by this tool; choose another name, or allow "
                        "overwriting it explicitly (--overwrite-repo)")
-    created = False
-    if existing is None:
+    created = uploader is not None and uploader.created
+    if existing is None and uploader is None:
         _call(lambda: api.create_repo(repo_id, private=private), repo_id=repo_id, token=token, verb="create")
         created = True
     try:
-        ops = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)) for path, local in uploads]
+        early = uploader.operations(dict(uploads)) if uploader is not None else {}
+        ops = [early.get(path) or CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
+               for path, local in uploads]
         ops += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in (extra or {}).items()]
         keep = {op.path_in_repo for op in ops} | {".gitattributes"}
         stale = [CommitOperationDelete(path_in_repo=s.rfilename) for s in existing.siblings or ()
@@ -376,6 +384,8 @@ def _publish(api: HfApi, repo_id: str, uploads: list[tuple[str, Path]], *, token
             if progress:
                 progress(done, total)
         info = api.create_commit(repo_id, [*ops, *stale], commit_message=message)
+        if uploader is not None:
+            uploader.created = False  # committed: no longer a half-made repo to delete on a later failure
     except Exception as e:
         if created:
             _delete_quietly(api, repo_id)

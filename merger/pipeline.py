@@ -1,4 +1,4 @@
-"""check -> fetch -> merge -> gguf -> card -> push, reported as events for the app and the CLI.
+"""check -> fetch or stream -> merge -> gguf -> eval -> card -> push, as events for the app and the CLI.
 
 Everything a job writes lives in a temporary folder until the end; on any error or a cancel it is
 removed, so a failure never leaves a half-written output folder or a half-pushed repository.
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from . import architecture as arch
 from .card import RECIPE_FILE
 from .engine import MergePlan, MergeRunner, Progress, plan_merge
-from .errors import CancelledError, GGUFError, MergerError, ModelError
+from .errors import CancelledError, MergerError, ModelError
 from .output import commit_output, copy_tokenizer, ensure_output_free, prepare_output, write_json
 from .recipe import ModelRef, Recipe
 from .sources import open_reader
@@ -63,6 +63,7 @@ class RunOptions:
     eval_tokens: int = 256  # token budget of GGUF verification and of the evaluation
     lineage: bool = True  # read the Hub parents' family tree into the card
     remixed_from: str | None = None  # the Hub model whose recipe this one remixes, linked from the card
+    stream: bool | None = None  # read parents from the Hub by range requests; None: on a Space when disk is short
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RunResult:
     seconds: float = 0.0
     sanity: dict | None = None
     quality: Any = None  # merger.eval.quality.QualityReport when the run evaluated the merge
+    streamed: bool = False
 
 
 def _cancelled(cancel: threading.Event | None) -> None:
@@ -110,16 +112,20 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                 cancel: threading.Event | None = None,
                 extra_sinks: Callable[[Path, MergePlan, dict], list[Any]] | None = None,
                 before_commit: Callable[[Path, MergePlan], list[str]] | None = None,
-                max_memory: int | None = None) -> RunResult:
+                max_memory: int | None = None,
+                infos: Mapping[ModelRef, arch.ModelInfo] | None = None,
+                open_readers: Callable[[MergePlan], Mapping[ModelRef, Any]] | None = None,
+                on_shard: Callable[[Path], None] | None = None) -> RunResult:
     """Merge models already on disk into out_dir (mergekit's layout), atomically.
 
     `extra_sinks(tmp, plan, config)` may add outputs fed with every merged tensor as it is produced
     (objects with write(name, tensor), close() and abort(), e.g. a GGUF stream); the tokenizer files
     are in `tmp` before the merge starts, config.json is written only after it (a folder killed
-    mid-merge has no config, so nothing can load it).
+    mid-merge has no config, so nothing can load it). `infos` and `open_readers(plan)` replace reading
+    the folders' weights (parents streamed from the Hub); `on_shard(path)` gets each finished shard.
     """
     started = time.monotonic()
-    infos = inspect_models(recipe, folders, allow_bin=allow_bin)
+    infos = infos if infos is not None else inspect_models(recipe, folders, allow_bin=allow_bin)
     vocabs = None
     if recipe.tokenizer_source is not None:
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
@@ -132,9 +138,11 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                                     vocab_size=plan.vocab_size, dtype=plan.out_dtype,
                                     tie_word_embeddings=plan.tie_word_embeddings, layer_sources=plan.layer_sources)
         files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp)
-        readers = {ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
+        readers = dict(open_readers(plan)) if open_readers is not None else {
+            ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
         writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
-                               shard_size=shard_size, metadata={"mergekit_method": recipe.method})
+                               shard_size=shard_size, metadata={"mergekit_method": recipe.method},
+                               on_shard=on_shard)
         sinks = extra_sinks(tmp, plan, config) if extra_sinks is not None else []
 
         def on_progress(p: Progress) -> None:
@@ -209,52 +217,86 @@ def resolve_local(recipe: Recipe) -> dict[ModelRef, Path]:
 
 FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 
+
 def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
-          max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False):
+          max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False,
+          inspect: Callable[[ModelRef], Any] | None = None, stream: bool | None = False):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights.
 
     With `out_dir`, the disk estimate is also compared with the free space where the output and the
-    download cache will be (an error when it does not fit)."""
-    from .check import check_recipe
+    download cache will be (an error when it does not fit). Streamed parents (`stream`) take no disk;
+    `stream=None` streams on a Space when the download would not fit but the output would
+    (`report.stream` says what was decided)."""
+    from .check import NOTE, Problem, check_recipe
     from .moe import is_moe
 
     if is_moe(recipe):
         from .moe.check import check_moe as check_recipe
     report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
-                          max_memory=max_memory)
+                          max_memory=max_memory, inspect=inspect)
+    hub_models = any(not ref.local for ref in recipe.referenced_models())
+    report.stream = bool(stream) and hub_models
     if out_dir is not None and report.estimates is not None:
-        from .disk import disk_problem
-        from .hub import cached_bytes, hub_cache_dir
-
-        def cached() -> int:
-            try:
-                return sum(cached_bytes(ref, token=token) for ref in recipe.referenced_models() if not ref.local)
-            except MergerError:  # the cache cannot be credited: judge by the whole download
-                return 0
-
-        problem = disk_problem(report.estimates, out_dir=out_dir, cache_dir=hub_cache_dir(), cached=cached,
-                               on_space=on_space)
+        problem = disk_problem(recipe, report.estimates, token=token, out_dir=out_dir, on_space=on_space,
+                               stream=report.stream)
+        if problem is not None and stream is None and on_space and hub_models:
+            report.stream = True
+            problem = disk_problem(recipe, report.estimates, token=token, out_dir=out_dir, on_space=on_space,
+                                   stream=True)
+            if problem is None:
+                report.problems.append(Problem(NOTE, "the parents' download would not fit the free disk: their "
+                                                     "weights will be streamed from the Hub while merging"))
         if problem is not None:
             report.problems.append(problem)
     return report
 
 
-def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> None:
+def disk_problem(recipe: Recipe, estimates: Any, *, token: str | None, out_dir: Path, on_space: bool,
+                 stream: bool) -> Any:
+    """merger.disk's verdict for this recipe (None when it fits), crediting parents already in the cache."""
+    from .disk import disk_problem as verdict
+    from .hub import cached_bytes, hub_cache_dir
+
+    if stream:
+        estimates = dataclasses.replace(estimates, download_bytes=0)
+
+    def cached() -> int:
+        try:
+            return sum(cached_bytes(ref, token=token) for ref in recipe.referenced_models() if not ref.local)
+        except MergerError:  # the cache cannot be credited: judge by the whole download
+            return 0
+
+    return verdict(estimates, out_dir=out_dir, cache_dir=hub_cache_dir(), cached=cached, on_space=on_space)
+
+
+def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback) -> tuple[dict[ModelRef, Any], bool]:
+    """The Hub models the check read, each pinned to the commit the merge will use, and whether to stream
+    them: as asked, else on a Space when the download would not fit the disk but the output would."""
+    from .streaming import pin_parents, pinned_inspector
+
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
+    pinned = pin_parents(recipe, token=options.token)
     report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
                    max_memory=options.max_memory, out_dir=options.out_dir,
-                   on_space=not options.allow_local)  # Hub models only: a Space
+                   on_space=not options.allow_local,  # Hub models only: a Space
+                   inspect=pinned_inspector(pinned, token=options.token, allow_bin=options.allow_bin),
+                   stream=options.stream)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
         fix = f"; {errors[0].fix}" if errors[0].fix else ""
         raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}{more}")
-    progress(Event("check", 1.0, "check passed"))
+    progress(Event("check", 1.0, "check passed" + (" (the parents will be streamed: their download would not "
+                                                   "fit the disk)" if report.stream and not options.stream else "")))
+    return pinned, report.stream
 
 
-def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
-           cancel: threading.Event | None) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
-    """Local folders of every model: Hub models are pinned to a commit and downloaded (cached)."""
+def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel: threading.Event | None,
+           pinned: dict[ModelRef, Any], *, stream: bool) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
+    """Local folders of every model: Hub models at their pinned commit, downloaded (cached) or, when
+    streamed, with their configs and tokenizer only (`pinned` then gains every Hub model's metadata)."""
+    from . import hub
+
     folders: dict[ModelRef, Path] = {}
     parents: dict[ModelRef, object] = {}
     refs = recipe.referenced_models()
@@ -263,16 +305,20 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
         if ref.local:
             folders[ref] = Path(ref.repo)
             continue
-        from . import hub
 
         def on_bytes(done: int, total: int | None, i: int = i, ref: ModelRef = ref) -> None:
             _cancelled(cancel)
             part = done / total if total else 0.0
             progress(Event("download", (i + part) / len(refs), f"{ref}", done, total or 0))
 
-        remote, folder = hub.fetch_model(ref, token=options.token, allow_bin=options.allow_bin, progress=on_bytes)
-        folders[ref], parents[ref] = folder, remote
-    progress(Event("download", 1.0, "all models are available locally"))
+        if stream and ref not in pinned:
+            pinned[ref] = hub.read_metadata(hub.resolve(ref, token=options.token), token=options.token)
+        remote = pinned[ref].model if ref in pinned else hub.resolve(ref, token=options.token)
+        folders[ref] = hub.download(remote, token=options.token, allow_bin=options.allow_bin,
+                                    progress=None if stream else on_bytes, weights=not stream)
+        parents[ref] = remote
+    progress(Event("download", 1.0, "weights will be streamed from the Hub while merging" if stream and parents
+                   else "all models are available locally"))
     return folders, parents
 
 
@@ -286,7 +332,7 @@ def _lineage(recipe: Recipe, output_name: str, options: RunOptions) -> Any:
     return merge_lineage(output_name, recipe.method, hub_parents, token=options.token)
 
 
-def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
+def split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
     floats = [FLOAT_GGUF_TYPES[t] for t in types if t in FLOAT_GGUF_TYPES]
     quants = [t for t in types if t not in FLOAT_GGUF_TYPES]
     if len(floats) > 1:
@@ -296,19 +342,20 @@ def _split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
 
 def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None = None,
         cancel: threading.Event | None = None) -> RunResult:
-    """The whole job: check, fetch, merge, GGUF (+ verification), card, push. Nothing half-done on failure."""
-    from .card import GGUFFileInfo, ParentInfo, build_card, hub_origin, local_license, publishable_recipe
+    """The whole job: check, fetch, merge, GGUF (+ verification), evaluation, card, push. Nothing half-done
+    on failure."""
+    from .card import ParentInfo, hub_origin, local_license, publishable_recipe
+    from .finish import Finish, merge_and_finish
+
     from .moe import is_moe
 
-    merge = merge_local
-    if is_moe(recipe):  # a mergekit-moe config: assembled, not merged; its own card
-        from .moe.assemble import merge_moe_local as merge
-        from .moe.card import build_moe_card as build_card
-
     report = progress or (lambda event: None)
-    if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
+    if is_moe(recipe):  # a mergekit-moe config is assembled from whole tensors read from disk
+        options = dataclasses.replace(options, stream=False)
+    refs = recipe.referenced_models()
+    if not options.allow_local and any(ref.local for ref in refs):
         raise ModelError("local model folders are not allowed here; name models by their Hub repo ID")
-    outtype, quants = _split_gguf_types(options.gguf)
+    split_gguf_types(options.gguf)  # refuses two unquantized types before anything starts
     ensure_output_free(options.out_dir, overwrite=options.overwrite)
     published = recipe  # what the card and mergekit_config.yml say: no local paths in a pushed repo
     if options.push:
@@ -317,11 +364,13 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         published = publishable_recipe(recipe, allow_local_paths=options.allow_local_paths)
         validate_repo_id(options.push)
         check_write_access(options.push, token=options.token)
-    if not options.skip_check:
-        _check_or_raise(recipe, options, report)
-    folders, remotes = _fetch(recipe, options, report, cancel)
+    hub_models = any(not ref.local for ref in refs)
+    pinned: dict[ModelRef, Any] = {}
+    stream = bool(options.stream) and hub_models
+    if not options.skip_check:  # one resolution per parent: the merge reads (or streams) what was checked
+        pinned, stream = _check_or_raise(recipe, options, report)
+    folders, remotes = _fetch(recipe, options, report, cancel, pinned, stream=stream)
     local = {ref: ModelRef(str(folder), None, True) for ref, folder in folders.items()}
-    local_recipe = dataclasses.replace(recipe.with_models(local), text=published.text)
     local_folders = {local[ref]: folder for ref, folder in folders.items()}
 
     def parent(ref: ModelRef) -> ParentInfo:
@@ -332,140 +381,62 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
             return ParentInfo(origin.repo, origin.revision, local_license(folders[ref]))
         return ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
 
-    parents = [parent(ref) for ref in recipe.referenced_models()]
-    output_name = options.push or options.out_dir.name
-    tree = _lineage(recipe, output_name, options)
-    ggufs: list[Path] = []
-    sanity: dict[str, str] = {}
-    warnings: list[str] = []
+    streamed = [ref for ref in refs if stream and ref in remotes]
+    work = Finish(published=published,
+                  local_recipe=dataclasses.replace(recipe.with_models(local), text=published.text),
+                  local_folders=local_folders, parents=[parent(ref) for ref in refs],
+                  lineage=_lineage(recipe, options.push or options.out_dir.name, options),
+                  scored={ref.display_name: folders[ref] for ref in refs if ref not in streamed},
+                  unscored=tuple(ref.display_name for ref in streamed))
+    if stream:
+        from .streaming import stream_readers, streamed_infos
 
-    gguf_name = output_name.split("/")[-1]
-    streamed: list[Path] = []
+        metas = {local[ref]: pinned[ref] for ref in streamed}
+        work.infos = streamed_infos(metas, local_folders, allow_bin=options.allow_bin)
+        work.open_readers = stream_readers(metas, local_folders, token=options.token,
+                                           allow_bin=options.allow_bin, cancel=cancel)
+    uploader = None
+    if options.push and not is_moe(recipe):  # shards upload while the merge goes on; one commit at the end
+        from .upload import ShardUploader
 
-    def gguf_stream(tmp: Path, plan: MergePlan, config: dict) -> list[Any]:
-        """The unquantized GGUF, written from the merged tensors as they are produced: one pass. A family
-        the streaming converter does not cover is converted from the finished folder instead."""
-        from quantize.convert import GGUFStream, gguf_file_name, stream_reason
-        from quantize.llama import base_gguf_type
-
-        if stream_reason(config) is not None:
-            return []
-        base_type = base_gguf_type(outtype, quants)
-        streamed.append(tmp / gguf_file_name(gguf_name, base_type))
-        return [GGUFStream(streamed[0], config, tmp, [(o.name, o.shape) for o in plan.outputs], base_type,
-                           name=gguf_name)]
-
-    quality: list[Any] = []
-
-    def finalize(tmp: Path, plan: MergePlan) -> list[str]:
-        files: list[str] = []
-        merged_sample = None
-        if options.gguf:
-            measurements = _export_and_verify(tmp, gguf_name, outtype, quants, streamed[0] if streamed else None,
-                                              options, report, cancel)
-            failed = [m for m in measurements if not m.passed]
-            if failed and not options.drop_failing_gguf:
-                raise GGUFError(f"GGUF verification failed: {failed[0].reason} (--gguf-drop-failing keeps "
-                                "failing files out of the output instead)")
-            for m in measurements:
-                produced = sorted(tmp.glob(m.file[:-len(".gguf")] + "*.gguf"))
-                if m.passed:
-                    ggufs.extend(produced)
-                    notice = _fallback_notice(produced, m.gguf_type)
-                    if notice:
-                        warnings.append(notice)
-                else:
-                    for path in produced:
-                        path.unlink()
-                    warnings.append(f"{m.file} was kept out: {m.reason}")
-                sanity[m.file] = m.summary() + ("" if produced or not m.passed else " (intermediate, not kept)")
-            merged_sample = next((m.sample for m in measurements if m.reference == "safetensors model"), None)
-            files += [p.name for p in ggufs]
-        if options.evaluate:
-            from .eval.quality import evaluate_merge
-
-            parent_dirs = {ref.display_name: folders[ref] for ref in recipe.referenced_models()}
-            try:
-                quality.append(evaluate_merge(
-                    tmp, parent_dirs, token_budget=options.eval_tokens, merged_sample=merged_sample,
-                    cancel=lambda: bool(cancel and cancel.is_set()), device=_eval_device(options.device),
-                    progress=lambda msg, frac: report(Event("evaluate", frac, msg))))
-            except GGUFError as e:  # no reference forward for this model: say so, the merge stands
-                warnings.append(f"evaluation skipped: {e}")
-            if quality and quality[0].verdict:
-                warnings.append(quality[0].verdict)
-        card = build_card(published, parents=parents, output_name=output_name,
-                          gguf_files=[GGUFFileInfo.from_path(p) for p in ggufs],
-                          gguf_repo=(f"{options.push}-GGUF" if options.push and options.gguf_repo else None),
-                          sanity=sanity or None, seed=options.seed,
-                          evaluation=quality[0].markdown() if quality else None, lineage=tree,
-                          remixed_from=options.remixed_from)
-        (tmp / "README.md").write_text(str(card), encoding="utf-8")
-        return files + ["README.md"]
-
-    result = merge(local_recipe, local_folders, options.out_dir, device=options.device, seed=options.seed,
-                         shard_size=options.shard_size, allow_bin=options.allow_bin, overwrite=options.overwrite,
-                         progress=report, cancel=cancel, before_commit=finalize,
-                         extra_sinks=gguf_stream if options.gguf else None, max_memory=options.max_memory)
-    result.gguf_files = [result.out_dir / p.name for p in ggufs]
-    result.sanity = sanity or None
-    result.warnings += warnings
-    result.quality = quality[0] if quality else None
+        uploader = work.uploader = ShardUploader(options.push, token=options.token, private=options.private,
+                                                 overwrite=options.overwrite_repo)
+    try:
+        result = merge_and_finish(work, options, report, cancel)
+    except BaseException:
+        if uploader is not None:
+            uploader.abort()
+        raise
+    result.streamed = stream
     if options.push:
-        from .hub import push_folder
-
-        def on_upload(done: int, total: int | None) -> None:
-            report(Event("upload", done / total if total else 0.0, options.push, done, total or 0))
-            _cancelled(cancel)  # raised inside push_folder, which deletes a repo it created
-
-        try:
-            _cancelled(cancel)
-            pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
-                                 overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
-                                 gguf_repo=None if options.gguf_repo else options.push, progress=on_upload)
-        except CancelledError:
-            shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
-            raise
-        result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
-        report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))
+        _push(result, options, report, cancel, uploader)
     return result
 
 
-def _fallback_notice(paths: list[Path], gguf_type: str) -> str | None:
-    """llama.cpp's fallback-quantization notice for a produced file (its first part), read from the file."""
-    from quantize.llama import fallback_notice
+def _push(result: RunResult, options: RunOptions, report: EventCallback, cancel: threading.Event | None,
+          uploader: Any) -> None:
+    """The one commit of the merged folder (its shards mostly uploaded already); a failure or a cancel
+    deletes a repository this run created."""
+    from .hub import push_folder
 
-    return fallback_notice(paths[0], gguf_type) if paths else None
+    def on_upload(done: int, total: int | None) -> None:
+        report(Event("upload", done / total if total else 0.0, options.push, done, total or 0))
+        _cancelled(cancel)  # raised inside push_folder, which deletes a repo it created
 
-
-def _eval_device(device: str) -> str:
-    """Where the torch reference forwards of verification and evaluation run: the merge's device."""
-    from .engine import resolve_device
-
-    return str(resolve_device(device))
-
-
-def _export_and_verify(folder: Path, name: str, outtype: str | None, quants: list[str], streamed: Path | None,
-                       options: RunOptions, report: EventCallback, cancel: threading.Event | None) -> list[Any]:
-    """Quantize from the streamed base GGUF, measuring each file in llama.cpp as soon as it exists (the base
-    against the merged safetensors, each quantized file against the base): quantize.verify.Measurement."""
-    from quantize.llama import export_gguf
-    from quantize.verify import Verifier
-
-    from .eval.text import eval_sections
-
-    stop = (lambda: bool(cancel and cancel.is_set()))
-    verifier = Verifier(folder, eval_sections(), token_budget=options.eval_tokens, cancel=stop,
-                        device=_eval_device(options.device))
-    measurements = []
-    total = 1 + len(quants)
-
-    def verify(path: Path, kind: str) -> None:
-        report(Event("verify", len(measurements) / total, f"measuring {path.name} in llama.cpp"))
-        first = not measurements
-        measurements.append(verifier.base(path, kind) if first else verifier.quantized(path, kind))
-
-    export_gguf(folder, folder, name, outtype, quants, converted=streamed, cancel=stop, verify=verify,
-                progress=lambda msg, frac: report(Event("gguf", frac, msg)))
-    report(Event("verify", 1.0, "GGUF files verified"))
-    return measurements
+    try:
+        _cancelled(cancel)
+        pushed = push_folder(result.out_dir, options.push, token=options.token, private=options.private,
+                             overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
+                             gguf_repo=None if options.gguf_repo else options.push, progress=on_upload,
+                             uploader=uploader)
+    except CancelledError:
+        uploader.abort()
+        shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
+        raise
+    except BaseException:
+        uploader.abort()  # deletes the repo only if this run created it and never committed to it
+        raise
+    finally:
+        uploader.close()
+    result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
+    report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))

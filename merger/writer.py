@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,7 +67,8 @@ class ShardedWriter:
     """Writes the planned tensors, in plan order, into model.safetensors or model-0000i-of-0000N shards."""
 
     def __init__(self, folder: str | Path, plan: list[PlannedTensor], *, shard_size: int = DEFAULT_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, on_shard: Callable[[Path], None] | None = None) -> None:
+        """`on_shard(path)` is called with each shard file once it is complete (e.g. to upload it early)."""
         names = [t.name for t in plan]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the output plan")
@@ -82,6 +84,7 @@ class ShardedWriter:
         self._file = None
         self._shard_index = -1
         self._part_bytes = 0  # bytes of the current tensor written so far (it may come in pieces)
+        self._on_shard = on_shard
         self.bytes_written = 0
 
     def _header(self, shard: list[PlannedTensor]) -> bytes:
@@ -123,6 +126,8 @@ class ShardedWriter:
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
             self._close_file()
+            if self._on_shard is not None:
+                self._on_shard(self.folder / self.files[shard_index])
 
     def _expect(self, name: str, tensor: torch.Tensor) -> PlannedTensor:
         """The planned tensor `name` must be the one being written (or the next), with its dtype."""

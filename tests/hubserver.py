@@ -8,13 +8,16 @@ RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError.
 
 Tests read counters (requests per endpoint kind, bytes and byte ranges served per file) and inject
 faults per endpoint kind for N requests: 401, 403, gated, 404s, 409, 429 with Retry-After, 500, and a
-connection dropped in the middle of the body.
+connection dropped in the middle of the body (of a file or of a byte range of it, after `cut_after`
+bytes or half of them). `bandwidth` (bytes/s, shared by all connections) paces file downloads like a
+real network link, for benchmarks.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -82,8 +85,8 @@ class Blob:
     data: bytes
     lfs: bool
 
-    @property
-    def sha256(self) -> str:
+    @functools.cached_property
+    def sha256(self) -> str:  # computed once: every download and range request reports it in its headers
         return hashlib.sha256(self.data).hexdigest()
 
     @property
@@ -139,6 +142,7 @@ class Fault:
     retry_after: int
     repo: str | None
     path: str | None
+    cut_after: int | None = None  # "drop" of a file download: bytes sent before the cut (None: half)
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,7 @@ class HubServer:
     """
 
     def __init__(self, *, users: Mapping[str, Mapping[str, str]] | None = None,
-                 tokens: Mapping[str, tuple[str, str]] | None = None) -> None:
+                 tokens: Mapping[str, tuple[str, str]] | None = None, bandwidth: float | None = None) -> None:
         self.users: dict[str, dict[str, str]] = {k: dict(v) for k, v in (users or {
             "alice": {"acme": "write", "readers": "read"}, "bob": {}}).items()}
         self.tokens: dict[str, Token] = {t: Token(u, r) for t, (u, r) in (tokens or {
@@ -208,6 +212,9 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.pulls: dict[str, list[PullRequest]] = {}  # repo key -> its pull requests, numbered from 1
+        self.bandwidth = bandwidth
+        self._pace_lock = threading.Lock()
+        self._pace_clock = 0.0  # when the link is free again (time.monotonic), with `bandwidth`
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -348,14 +355,17 @@ class HubServer:
     # ------------------------------------------------------------------ faults
 
     def inject(self, kind: str, fault: str, *, times: int | None = 1, retry_after: int = 1,
-               repo: str | None = None, path: str | None = None) -> None:
-        """Answer the next `times` requests of `kind` ("*" = any) with `fault`; times=None = until cleared."""
+               repo: str | None = None, path: str | None = None, cut_after: int | None = None) -> None:
+        """Answer the next `times` requests of `kind` ("*" = any) with `fault`; times=None = until cleared.
+
+        A "drop" of a file download sends `cut_after` bytes of the answer (default: half) and cuts.
+        """
         if kind != "*" and kind not in KINDS:
             raise ValueError(f"unknown endpoint kind {kind!r}; one of {KINDS}")
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
         with self.lock:
-            self._faults.append(Fault(kind, fault, times, retry_after, repo, path))
+            self._faults.append(Fault(kind, fault, times, retry_after, repo, path, cut_after))
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -776,7 +786,23 @@ class _Handler(_CommunityEndpoints, BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD" and body:
-            self.wfile.write(body)
+            if self.hub.bandwidth and content_type == "application/octet-stream":
+                self._paced_write(body)
+            else:
+                self.wfile.write(body)
+
+    def _paced_write(self, body: bytes, chunk: int = 1 << 20) -> None:
+        """Write a file's bytes no faster than the server's shared `bandwidth`, as a network link would."""
+        view = memoryview(body)
+        for i in range(0, len(view), chunk):
+            part = view[i:i + chunk]
+            with self.hub._pace_lock:
+                now = time.monotonic()
+                start = max(now, self.hub._pace_clock)
+                self.hub._pace_clock = start + len(part) / self.hub.bandwidth
+            if start > now:
+                time.sleep(start - now)
+            self.wfile.write(part)
 
     def _json(self, data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> None:
         self._send(status, json.dumps(data).encode(), headers)
@@ -822,7 +848,7 @@ class _Handler(_CommunityEndpoints, BaseHTTPRequestHandler):
         name = params.get("repo") or "the repository"
         if fault.fault == "drop":
             if kind == "resolve_get":
-                self._serve_partial(params)
+                self._serve_partial(params, fault.cut_after)
             self._drop()
             return
         errors = {
@@ -845,17 +871,19 @@ class _Handler(_CommunityEndpoints, BaseHTTPRequestHandler):
         }
         self._error(errors[fault.fault])
 
-    def _serve_partial(self, params: Mapping[str, str]) -> None:
-        """Send headers for the whole answer and half of its bytes (the caller then cuts the connection)."""
+    def _serve_partial(self, params: Mapping[str, str], cut_after: int | None = None) -> None:
+        """Send headers for the whole answer and part of its bytes (the caller then cuts the connection)."""
         hub_repo = self.hub.repos.get(params["repo"])
         commit = hub_repo.at(params["rev"]) if hub_repo else None
         blob = commit.files.get(params["path"]) if commit else None
         if blob is None:
             return
         start, end = _byte_range(self.headers.get("Range"), len(blob.data))
-        half = start + (end - start) // 2
+        half = start + (end - start) // 2 if cut_after is None else min(end, start + cut_after)
         self.send_response(206 if self.headers.get("Range") else 200)
         self.send_header("Content-Length", str(end - start))
+        if self.headers.get("Range"):
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(blob.data)}")
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
         self.wfile.write(blob.data[start:half])

@@ -397,7 +397,8 @@ def check_report(settings: Settings, text: str, quants: Sequence[str], token: st
     from ..hub import job_cache
 
     with tempfile.TemporaryDirectory(prefix="check-") as tmp, job_cache(Path(tmp) / "hub-cache"):
-        return pipeline.check(recipe, token=token, gguf=tuple(quants), out_dir=Path(tmp) / "out", on_space=True)
+        return pipeline.check(recipe, token=token, gguf=tuple(quants), out_dir=Path(tmp) / "out", on_space=True,
+                              stream=None)
 
 
 @dataclass(frozen=True)
