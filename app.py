@@ -17,10 +17,14 @@ folder that is removed after the push.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any, Iterator
 
-from merger.app import demo
+if os.environ.get("SPACES_ZERO_GPU"):  # a ZeroGPU Space: `spaces` must come before anything touches CUDA
+    import spaces  # noqa: F401
+
+from merger.app import demo, where
 from merger.app.demo import Settings
 
 demo.quiet_environment()  # before gradio and huggingface_hub are imported
@@ -144,17 +148,19 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         lines = [m for m in (models_text or "").splitlines() if m.strip()]
         return "\n".join(lines + ([picked] if picked and picked not in lines else [])), "", gr.Radio(visible=False)
 
-    def check(text: str, quants: list[str], oauth_token: gr.OAuthToken | None):  # noqa: ANN202
+    def check(text: str, quants: list[str], run_where: str, oauth_token: gr.OAuthToken | None):  # noqa: ANN202
         """Pre-flight check: configs and headers only, so it answers in seconds. Remembers the exact text it
         checked, so the report can be marked stale on the next edit."""
         try:
-            report = demo.check_report(settings, text, quants or (), _token(settings, oauth_token))
+            token = _token(settings, oauth_token)
+            report = demo.check_report(settings, text, quants or (), token, here=run_where != where.JOBS)
+            plan = where.plan_markdown(run_where, report.recipe, report, token=token, quants=tuple(quants or ()))
         except Exception as e:  # one line for the user either way; a bug also goes to the server log
             if not isinstance(e, MergerError):
                 logging.getLogger("merger.app").exception("check failed")
             md = page.error(e)
             return md, gr.skip(), page.checked(text, False, md)
-        md = demo.render_check(report)
+        md = demo.render_check(report) + (f"\n\n{plan}" if plan else "")
         return md, _status(text), page.checked(text, report.ok, md)
 
     def register(text: str, last: dict | None):  # noqa: ANN202
@@ -168,25 +174,29 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
                 page.unchecked_note(text, last) or "")
 
     def run_merge(job_id: str, text: str, repo_name: str, private: bool, publish: bool, quants: list[str],
-                  gguf_repo: bool, remix_of: dict | None,
+                  gguf_repo: bool, remix_of: dict | None, run_where: str,
                   oauth_token: gr.OAuthToken | None) -> Iterator[tuple[str, str, str, str]]:
         """Start the job when the queue gives it its turn, then stream its progress and result."""
         if job_id == BLOCKED:
             return
         job = jobs.get(job_id) or jobs.new_job()
+        token = _token(settings, oauth_token)
         try:
-            request = demo.job_request(settings, text, repo_name, private=private, publish=publish,
-                                       quants=quants or (), token=_token(settings, oauth_token), job_id=job.job_id,
+            request = demo.job_request(settings, text, repo_name, private=private,
+                                       publish=publish or run_where == where.JOBS, quants=quants or (),
+                                       token=token, job_id=job.job_id,
                                        expires_at=oauth_token.expires_at if oauth_token else None,
                                        gguf_repo=bool(gguf_repo))
+            backend = where.backend(run_where, token=token)
         except MergerError as e:
             job.cancel()
             yield "", "", page.error(e), ""
             return
         request = remix.apply_remix(request, remix_of, text)
         job.start(request.recipe, request.options, job_dir=request.job_dir, keep=request.keep,
-                  cache_dir=request.cache_dir)
-        for snap in demo.follow(job):
+                  cache_dir=request.cache_dir, backend=backend)
+        # ZeroGPU: the merge step must run in this event's thread, inside its GPU window (see merger.compute)
+        for snap in demo.follow(job, serve=getattr(backend, "serve", None)):
             card = demo.card_markdown(snap.outcome.card) if snap.outcome else ""
             yield demo.render_progress(snap), demo.render_log(snap), demo.render_outcome(snap), card
 
@@ -274,6 +284,10 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         repo_note = gr.Markdown(elem_id="repo-note")
         quants = gr.CheckboxGroup(label="GGUF files (llama.cpp)", choices=demo.gguf_choices(),
                                   value=list(demo.DEFAULT_QUANTS), elem_id="quants")
+        run_where = gr.Radio(label="Where to merge", choices=where.choices(), value=where.HERE, elem_id="where",
+                             info="Hugging Face Jobs run on your own account's hardware (pay per minute) and push "
+                                  "the result themselves; Check shows the hardware, time and cost first. They need "
+                                  "the 'jobs' permission, asked for at sign-in.")
         with gr.Row():
             check_button = gr.Button("Check", elem_id="check")
             merge_button = gr.Button("Merge", variant="primary", elem_id="merge")
@@ -319,11 +333,11 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
         for trigger in (repo_name.change, publish.change, gguf_repo.change, quants.change):
             trigger(lambda name, text, pub, sep, q: page.repo_note(name, text, publish=pub, gguf_repo=sep, quants=q),
                     note_inputs, [repo_note], queue=False)
-        check_button.click(check, [editor, quants], [report, status, last_check], concurrency_id="check",
+        check_button.click(check, [editor, quants, run_where], [report, status, last_check], concurrency_id="check",
                            concurrency_limit=4, api_name="check")
         merge_button.click(register, [editor, last_check], [job_id, progress, cancel_button, run_note],
                            queue=False).then(
-            run_merge, [job_id, editor, repo_name, private, publish, quants, gguf_repo, remix_of],
+            run_merge, [job_id, editor, repo_name, private, publish, quants, gguf_repo, remix_of, run_where],
             [progress, log, result, card], concurrency_id="merge", concurrency_limit=1, api_name="merge").then(
             lambda: (gr.Button(interactive=False), ""), None, [cancel_button, run_note], queue=False)
         cancel_button.click(cancel, [job_id], [run_note], queue=False)
@@ -472,6 +486,7 @@ def _community_panel(settings: Settings, app: gr.Blocks, recipe_update, recipe_o
 
 def main(**launch: Any) -> None:
     """Serve the app; `launch` adds or overrides gradio launch() options (the Space test serves HTTPS)."""
+    where.prepare()  # ZeroGPU registers its @spaces.GPU functions at start-up
     settings = demo.settings_from_env()
     app = build_app(settings)
     app.queue(default_concurrency_limit=1)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -17,6 +19,8 @@ EPILOG = """examples:
   python -m merger run recipe.yml ./merged --device auto --seed 0
   python -m merger run recipe.yml ./merged --gguf Q4_K_M,Q8_0 --push me/my-merge
   python -m merger run recipe.yml ./merged --stream --push me/my-merge
+  python -m merger check recipe.yml --job
+  python -m merger run recipe.yml --job --job-image hf.co/spaces/me/llm-merger --push me/my-merge
 
 exit codes: 0 success; 1 the check found problems; 2 bad input (recipe, models, options);
 130 cancelled (Ctrl-C)."""
@@ -29,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{check,run,eval,methods}")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("recipe", help="mergekit-style YAML recipe file ('-' reads standard input)")
+        sp.add_argument("recipe", help="mergekit-style YAML recipe file ('-' reads standard input, env:NAME "
+                        "the environment variable NAME)")
         sp.add_argument("--token", default=os.environ.get("HF_TOKEN") or None,
                         help="Hugging Face token for gated/private models and pushes (default: $HF_TOKEN)")
         sp.add_argument("--allow-bin", action="store_true",
@@ -46,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                        "safetensors headers only. Exit 0 when the merge can run, 1 when it cannot.")
     common(c)
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--job", action="store_true",
+                   help="also choose the Hugging Face Jobs hardware: flavor, estimated time and cost")
+    c.add_argument("--flavor", metavar="NAME", help="with --job: this Jobs flavor instead of the cheapest that fits")
 
     e = sub.add_parser("eval", help="benchmark a published merge (and its parents) with lm-evaluation-harness",
                        description="Run lm-evaluation-harness (pip install lm-eval) on a merged model on the Hub "
@@ -63,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="check, fetch, merge, and optionally convert to GGUF and push",
                        description="Run the merge tensor by tensor and write mergekit's output layout to OUT_DIR.")
     common(r)
-    r.add_argument("out_dir", help="output folder (must not exist or be empty unless --overwrite)")
+    r.add_argument("out_dir", nargs="?",
+                   help="output folder (must not exist or be empty unless --overwrite); not with --job")
     r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
     r.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA); default 0")
     r.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
@@ -87,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
                         "downloading them: the disk holds only the output (default: on a Space when the "
                         "download would not fit on its disk, else download)")
     r.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--remixed-from", metavar="OWNER/NAME", help=argparse.SUPPRESS)  # the app's remix, in a job
+    j = r.add_argument_group("Hugging Face Jobs (the merge on your account's hardware; needs --push)")
+    j.add_argument("--job", action="store_true",
+                   help="run as a Hugging Face Job: parents mounted read-only, the result pushed by the job")
+    j.add_argument("--flavor", metavar="NAME", help="Jobs hardware (default: the lowest estimated cost among the "
+                   "flavors whose RAM, disk and GPU memory fit the check's estimates)")
+    j.add_argument("--job-image", metavar="IMAGE", help="image with this project: a Space running it "
+                   "(hf.co/spaces/OWNER/NAME) or a Docker image (default: $MERGER_JOB_IMAGE, or this Space's own)")
+    j.add_argument("--progress-lines", action="store_true",
+                   help="print progress as JSON lines on stdout (how a job reports to the app and the CLI)")
+    j.add_argument("--mounted", action="append", default=[], metavar="REF=SHA:PATH",
+                   help="a Hub model of the recipe already on disk at commit SHA (a job's Volume)")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
     return p
@@ -133,6 +154,13 @@ def _read_recipe(path: str):
     allow_local = not os.environ.get("SPACE_ID")
     if path == "-":
         return parse_recipe(sys.stdin.read(), allow_local=allow_local, base_dir=Path.cwd())
+    if path.startswith("env:"):
+        from .errors import RecipeError
+
+        text = os.environ.get(path[4:])
+        if text is None:
+            raise RecipeError(f"the environment variable {path[4:]} (named by {path}) is not set")
+        return parse_recipe(text, allow_local=allow_local, base_dir=Path.cwd())
     return load_recipe(path, allow_local=allow_local)
 
 
@@ -151,15 +179,78 @@ def cmd_methods() -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .pipeline import check
-
     from .writer import parse_size
 
     recipe = _read_recipe(args.recipe)
     budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
     report = check(recipe, token=args.token, gguf=_gguf_types(args.gguf), allow_bin=args.allow_bin,
                    max_memory=budget)
-    print(report.to_json() if args.json else report.to_text())
+    plan = None
+    if args.job and report.ok:
+        from .compute.jobs import plan_job
+        from .pipeline import RunOptions
+
+        plan = plan_job(recipe, RunOptions(out_dir=Path("."), token=args.token, gguf=_gguf_types(args.gguf),
+                                           allow_bin=args.allow_bin, max_memory=budget),
+                        flavor=args.flavor, report=report)
+    if args.json:
+        data = report.as_dict()
+        if plan is not None:
+            c = plan.choice
+            data["job"] = {"flavor": c.flavor.name, "seconds": round(c.seconds), "usd": round(c.usd, 4),
+                           "timeout": c.timeout, "rejected": {f.name: list(why) for f, why in c.rejected}}
+        print(json.dumps(data, indent=2))
+    else:
+        print(report.to_text())
+        if plan is not None:
+            print("\n" + "\n".join(plan.lines()))
     return 0 if report.ok else 1
+
+
+def _mounted(items: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """--mounted REF=SHA:PATH values as RunOptions.mounted."""
+    from .errors import ModelError
+
+    out = {}
+    for item in items:
+        ref, eq, rest = item.partition("=")
+        sha, colon, path = rest.partition(":")
+        if not (eq and colon and ref and sha and path):
+            raise ModelError(f"--mounted {item}: write it as REF=SHA:PATH (e.g. org/name=0123abcd:/parents/0)")
+        out[ref] = (sha, path)
+    return out
+
+
+def cmd_job(args: argparse.Namespace, recipe, options, bar) -> int:
+    """`run --job`: plan, create the Hugging Face Job, follow its log with the same progress bar."""
+    from .compute.jobs import Jobs
+
+    def show_plan(plan) -> None:
+        print("\n".join(plan.lines()), file=sys.stderr)
+
+    handle = Jobs(image=args.job_image, flavor=args.flavor, on_plan=show_plan).submit(recipe, options)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+
+    def interrupt(signum, frame) -> None:  # the first Ctrl-C cancels the job on the Hub, then waits for it
+        signal.signal(signal.SIGINT, previous)
+        print("\ncancelling the Hugging Face Job (Ctrl-C again to stop waiting)...", file=sys.stderr)
+        threading.Thread(target=handle.cancel, daemon=True).start()
+
+    if main_thread:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        outcome = handle.run(bar)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+        bar.close()
+    for w in outcome.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"the Hugging Face Job {handle.url} merged and pushed in {outcome.seconds:.1f}s")
+    for url in outcome.pushed:
+        print(f"pushed: {url}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -167,7 +258,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .writer import parse_size
 
     recipe = _read_recipe(args.recipe)
-    options = RunOptions(out_dir=Path(args.out_dir), device=args.device, seed=args.seed,
+    if args.job and args.out_dir:
+        raise MergerError("a Hugging Face Job pushes its result and writes nothing here: drop OUT_DIR")
+    if not args.job and not args.out_dir:
+        raise MergerError("give the output folder (OUT_DIR), or run it as a Hugging Face Job with --job --push")
+    if (args.flavor or args.job_image) and not args.job:
+        raise MergerError("--flavor and --job-image are for --job")
+    if args.job and args.stream:
+        raise MergerError("--stream is for a run here: a Hugging Face Job mounts its parents read-only instead")
+    options = RunOptions(out_dir=Path(args.out_dir or "."), device=args.device, seed=args.seed,
                          shard_size=parse_size(args.shard_size), allow_bin=args.allow_bin,
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
@@ -175,15 +274,31 @@ def cmd_run(args: argparse.Namespace) -> int:
                          allow_local_paths=args.allow_local_paths,
                          max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
                          allow_local=not os.environ.get("SPACE_ID"), evaluate=not args.no_eval,
-                         drop_failing_gguf=args.gguf_drop_failing, eval_tokens=args.eval_tokens)
+                         drop_failing_gguf=args.gguf_drop_failing, eval_tokens=args.eval_tokens,
+                         mounted=_mounted(args.mounted), remixed_from=args.remixed_from)
     if args.eval_tokens < 16:
         raise MergerError("--eval-tokens must be at least 16 (the verification needs a few tokens per section)")
     bar = StderrProgress()
+    if args.job:
+        return cmd_job(args, recipe, options, bar)
     cancel = threading.Event()
+    lines = None
+    if args.progress_lines:
+        from .compute.protocol import LinePrinter
+
+        lines = LinePrinter()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:  # a job is stopped with SIGTERM: clean up as for a cancel (a created repo is deleted)
+        signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())
     try:
-        result = run(recipe, options, progress=bar, cancel=cancel)
+        result = run(recipe, options, progress=lines or bar, cancel=cancel)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         bar.close()
+    if lines is not None:
+        lines.result(result)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"merged {len(result.plan.outputs)} tensors into {result.out_dir} in {result.seconds:.1f}s")

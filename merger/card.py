@@ -8,6 +8,7 @@ The card also carries this tool's tag, which is how a later push recognises a re
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,11 @@ from .recipe import InputModel, ModelRef, Recipe
 
 if TYPE_CHECKING:
     from .lineage import Lineage
+# The merge methods mergekit 0.1.5 registers: a recipe using one runs under `mergekit-yaml` too.
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "task_arithmetic", "ties", "dare_ties",
+    "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock",
+    "passthrough", "arcee_fusion", "ram", "ramplus_tl"})
 
 RECIPE_FILE = "mergekit_config.yml"
 MOE_RECIPE_FILE = "mergekit_moe_config.yml"  # mergekit-moe's name for the config of a MoE
@@ -301,11 +307,25 @@ def build_card(recipe: Recipe, *, parents: Sequence[ParentInfo], output_name: st
              f"--tasks {','.join(EVAL_TASKS)} --batch_size auto", "```", ""]
     seed_arg = f" --seed {seed}" if seed is not None and method.randomized else ""
     body += ["## Reproduce this merge", "", f"Download [`{RECIPE_FILE}`]({RECIPE_FILE}) and run:", "", "```bash",
-             f"python -m merger run {RECIPE_FILE} OUT{seed_arg}", "```", ""]
+             install_command(), f"python -m merger run {RECIPE_FILE} OUT{seed_arg}", "```", ""]
+    if recipe.method in MERGEKIT_METHODS:
+        body += ["The recipe is mergekit-compatible; with [mergekit](https://github.com/arcee-ai/mergekit) 0.1.5:", "",
+                 "```bash", "pip install mergekit==0.1.5", f"mergekit-yaml {RECIPE_FILE} OUT", "```", ""]
+        if method.randomized:
+            body += ["mergekit draws the random masks of this method differently, so its result is equally valid "
+                     "but not identical.", ""]
     if any(p.revision for p in parents if not p.local):
         body += ["The parent revisions listed above are the exact commits that were merged; pin them as "
                  "`org/name@sha` in the recipe to get the same result after the parents change.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def install_command(environ: Mapping[str, str] | None = None) -> str:
+    """How to install this tool: from the Space that made the merge when known, else from a checkout."""
+    env = os.environ if environ is None else environ
+    source = env.get("MERGER_INSTALL_SOURCE") or (
+        f"git+https://huggingface.co/spaces/{env['SPACE_ID']}" if env.get("SPACE_ID") else "")
+    return f'pip install "llm-merger @ {source}"' if source else "pip install .  # in a checkout of llm-merger"
 
 
 def build_gguf_card(model_card: ModelCard, *, model_repo: str, gguf_repo: str,

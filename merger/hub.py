@@ -389,6 +389,8 @@ def _publish(api: HfApi, repo_id: str, uploads: list[tuple[str, Path]], *, token
     except Exception as e:
         if created:
             _delete_quietly(api, repo_id)
+            if uploader is not None:
+                uploader.created = False  # deleted here: nothing left for the uploader's abort to delete
         if isinstance(e, MergerError):  # ours already (a cancel from the progress callback included)
             raise
         raise _hub_error(e, repo_id, token=token, verb="upload to",

@@ -7,6 +7,7 @@ removed, so a failure never leaves a half-written output folder or a half-pushed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import threading
@@ -64,6 +65,9 @@ class RunOptions:
     lineage: bool = True  # read the Hub parents' family tree into the card
     remixed_from: str | None = None  # the Hub model whose recipe this one remixes, linked from the card
     stream: bool | None = None  # read parents from the Hub by range requests; None: on a Space when disk is short
+    # Hub models already on disk at a pinned commit (a Hugging Face Job's read-only Volumes):
+    # str(ref) as the recipe writes it -> (commit sha, folder)
+    mounted: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -306,6 +310,12 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel:
             folders[ref] = Path(ref.repo)
             continue
 
+        if str(ref) in options.mounted:  # pinned and on disk already: only the lineage is asked of the Hub
+            sha, folder = options.mounted[str(ref)]
+            parents[ref] = hub.resolve(ModelRef(ref.repo, sha), token=options.token)
+            folders[ref] = Path(folder)
+            continue
+
         def on_bytes(done: int, total: int | None, i: int = i, ref: ModelRef = ref) -> None:
             _cancelled(cancel)
             part = done / total if total else 0.0
@@ -340,17 +350,25 @@ def split_gguf_types(types: tuple[str, ...]) -> tuple[str | None, list[str]]:
     return (floats[0] if floats else None), quants
 
 
+StepRunner = Callable[..., RunResult]  # (step, progress, cancel) -> step's result; step(progress, cancel)
+
+
 def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None = None,
-        cancel: threading.Event | None = None) -> RunResult:
+        cancel: threading.Event | None = None, merge_runner: StepRunner | None = None) -> RunResult:
     """The whole job: check, fetch, merge, GGUF (+ verification), evaluation, card, push. Nothing half-done
-    on failure."""
+    on failure.
+
+    `merge_runner(step, progress, cancel)` runs the merge step (finish.merge_and_finish with its inputs
+    bound) somewhere else, e.g. inside a ZeroGPU window; by default it runs here. Such a step reads the
+    parents from disk (no streaming inside a GPU window) and its shards upload at the push, not before.
+    """
     from .card import ParentInfo, hub_origin, local_license, publishable_recipe
     from .finish import Finish, merge_and_finish
-
     from .moe import is_moe
 
     report = progress or (lambda event: None)
-    if is_moe(recipe):  # a mergekit-moe config is assembled from whole tensors read from disk
+    # a GPU window (merge_runner) reads parents from disk; a mergekit-moe config is assembled from whole tensors
+    if merge_runner is not None or is_moe(recipe):
         options = dataclasses.replace(options, stream=False)
     refs = recipe.referenced_models()
     if not options.allow_local and any(ref.local for ref in refs):
@@ -381,7 +399,7 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
             return ParentInfo(origin.repo, origin.revision, local_license(folders[ref]))
         return ParentInfo(ref.display_name, None, local_license(folders[ref]), local=True)
 
-    streamed = [ref for ref in refs if stream and ref in remotes]
+    streamed = [ref for ref in refs if stream and ref in pinned and str(ref) not in options.mounted]
     work = Finish(published=published,
                   local_recipe=dataclasses.replace(recipe.with_models(local), text=published.text),
                   local_folders=local_folders, parents=[parent(ref) for ref in refs],
@@ -396,13 +414,14 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         work.open_readers = stream_readers(metas, local_folders, token=options.token,
                                            allow_bin=options.allow_bin, cancel=cancel)
     uploader = None
-    if options.push and not is_moe(recipe):  # shards upload while the merge goes on; one commit at the end
+    if options.push and merge_runner is None and not is_moe(recipe):  # shards upload while merging
         from .upload import ShardUploader
 
         uploader = work.uploader = ShardUploader(options.push, token=options.token, private=options.private,
                                                  overwrite=options.overwrite_repo)
+    step = functools.partial(merge_and_finish, work, options)
     try:
-        result = merge_and_finish(work, options, report, cancel)
+        result = step(report, cancel) if merge_runner is None else merge_runner(step, report, cancel)
     except BaseException:
         if uploader is not None:
             uploader.abort()
@@ -429,14 +448,14 @@ def _push(result: RunResult, options: RunOptions, report: EventCallback, cancel:
                              overwrite=options.overwrite_repo, gguf_files=result.gguf_files,
                              gguf_repo=None if options.gguf_repo else options.push, progress=on_upload,
                              uploader=uploader)
-    except CancelledError:
-        uploader.abort()
-        shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
-        raise
-    except BaseException:
-        uploader.abort()  # deletes the repo only if this run created it and never committed to it
+    except BaseException as e:
+        if uploader is not None:
+            uploader.abort()  # deletes the repo only if this run created it and never committed to it
+        if isinstance(e, CancelledError):
+            shutil.rmtree(result.out_dir, ignore_errors=True)  # a cancelled job leaves nothing, as documented
         raise
     finally:
-        uploader.close()
+        if uploader is not None:
+            uploader.close()
     result.pushed = [pushed.repo_url] + ([pushed.gguf_repo_url] if pushed.gguf_repo_url else [])
     report(Event("upload", 1.0, "pushed " + ", ".join(result.pushed)))

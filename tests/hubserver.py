@@ -35,9 +35,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 
+from tests import hubjobs
+
 KINDS = ("whoami", "create", "delete", "info", "tree", "paths_info", "resolve_head", "resolve_get",
          "preupload", "commit", "lfs_batch", "lfs_upload", "lfs_verify", "validate_yaml", "search",
-         "auth_check", "dataset_info")
+         "auth_check", "dataset_info", *hubjobs.KINDS)
 FAULTS = ("unauthorized", "forbidden", "gated", "repo_not_found", "entry_not_found", "revision_not_found",
           "conflict", "rate_limit", "server_error", "drop", "bad_request", "legal")
 WRITE_ROLES = ("admin", "write", "contributor")
@@ -215,6 +217,7 @@ class HubServer:
         self.bandwidth = bandwidth
         self._pace_lock = threading.Lock()
         self._pace_clock = 0.0  # when the link is free again (time.monotonic), with `bandwidth`
+        self.jobs = hubjobs.JobsHost(self)  # Hugging Face Jobs: local subprocesses (tests/hubjobs.py)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -239,6 +242,7 @@ class HubServer:
         return _Handler
 
     def stop(self) -> None:
+        self.jobs.close()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -729,7 +733,7 @@ _DATASET_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 # ====================================================================== end of community sharing
 
 
-class _Handler(_CommunityEndpoints, BaseHTTPRequestHandler):
+class _Handler(hubjobs.JobsEndpoints, _CommunityEndpoints, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hub: HubServer
 
@@ -1156,6 +1160,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("PUT", re.compile(r"^/__lfs/upload/(?P<oid>[0-9a-f]{64})$"), "lfs_upload"),
     ("HEAD", _RESOLVE, "resolve"),
     ("GET", _RESOLVE, "resolve"),
+    *hubjobs.ROUTES,
 ]
 
 

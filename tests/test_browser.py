@@ -236,3 +236,30 @@ def test_chat_with_a_merged_gguf(page, served, tmp_path: Path) -> None:  # noqa:
         page.locator("#chat-status", has_text="no such GGUF file").wait_for()
     finally:
         page.screenshot(path=str(ARTIFACTS / "chat-error.png"), full_page=True)
+
+
+def test_run_on_hugging_face_jobs(page, hub_server: HubServer, tiny: dict[str, Path],  # noqa: ANN001
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Run on Hugging Face Jobs": Check shows the flavor and cost, Merge runs a job (a local subprocess of
+    the test Hub) that pushes the result, and the progress panel links the job's page."""
+    monkeypatch.setenv("MERGER_JOB_IMAGE", "hf.co/spaces/alice/llm-merger")
+    for name in ("base", "chat"):
+        if f"alice/{name}" not in hub_server.repos:
+            hub_server.upload_folder(tiny[name], f"alice/{name}")
+    page.locator("#models-box textarea").fill("alice/base\nalice/chat")
+    page.locator("#method").click()  # leaving the box puts the models into the recipe
+    page.wait_for_function("document.querySelector('#editor .cm-content').innerText.includes('alice/chat')")
+    page.keyboard.press("Escape")
+    page.locator("#where label", has_text="Run on Hugging Face Jobs").click()
+    page.locator("#repo-name textarea, #repo-name input").first.fill("alice/job-slerp")
+    _set_quants(page, set())
+    page.click("#check")
+    page.locator("#report", has_text="Hugging Face Jobs flavor: cpu-basic").wait_for()
+    page.click("#merge")
+    _wait_status(page, "done")
+    job_id = list(hub_server.jobs.jobs)[-1]
+    assert page.locator(f'#progress a[href="{hub_server.url}/jobs/alice/{job_id}"]').count() == 1
+    assert f"{hub_server.url}/alice/job-slerp" in page.locator("#result").inner_text()
+    assert {"model.safetensors", "README.md"} <= set(hub_server.repo_files("alice/job-slerp"))
+    page.screenshot(path=str(ARTIFACTS / "jobs.png"), full_page=True)
+    page.locator("#where label", has_text="Run here").click()

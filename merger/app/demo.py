@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -384,14 +384,18 @@ def ensure_signed_in(token: str | None, expires_at: float | None, *, now: float 
                        ) from None
 
 
-def check_report(settings: Settings, text: str, quants: Sequence[str], token: str | None) -> CheckReport:
+def check_report(settings: Settings, text: str, quants: Sequence[str], token: str | None, *,
+                 here: bool = True) -> CheckReport:
     """The Check button: the pre-flight report, with the disk estimate compared with the free space where a
-    job would run. On a Space the check reads through a cache of its own, removed right after."""
+    job would run (`here`; a Hugging Face Job's disk is its flavor's, chosen from the estimate). On a Space
+    the check reads through a cache of its own, removed right after."""
     import tempfile
 
     from .. import pipeline
 
     recipe = parse_recipe(text, allow_local=settings.allow_local)
+    if not here:
+        return pipeline.check(recipe, token=token, gguf=tuple(quants))
     if not settings.space:
         return pipeline.check(recipe, token=token, gguf=tuple(quants), out_dir=settings.outputs_dir)
     from ..hub import job_cache
@@ -450,10 +454,19 @@ def job_request(settings: Settings, text: str, repo_name: str, *, private: bool,
                       cache_dir=job_dir / "hub-cache" if settings.space else None)
 
 
-def follow(job: Run, interval: float = 0.25) -> Iterator[Snapshot]:
-    """Snapshots of a job whenever it changed, ending with the finished one."""
+def follow(job: Run, interval: float = 0.25, serve: Callable[[], Iterator[None]] | None = None) -> Iterator[Snapshot]:
+    """Snapshots of a job whenever it changed, ending with the finished one.
+
+    `serve` (a ZeroGPU backend's) runs, in this thread, the work the job hands over to it, yielding after
+    each step; it is called between polls.
+    """
     last = None
     while True:
+        for _ in serve() if serve is not None else ():
+            snap = job.snapshot()
+            if snap != last:
+                yield snap
+                last = snap
         finished = job.wait(interval)
         snap = job.snapshot()
         if snap != last:

@@ -64,10 +64,12 @@ def render_progress(snap: Snapshot) -> str:
     if snap.eta_seconds is not None:
         extra.append(f"about {human_seconds(snap.eta_seconds)} left")
     line = " · ".join([head, *extra])
+    link = (f'<div class="merge-progress-job">Hugging Face Job: <a href="{html.escape(snap.url)}" target="_blank">'
+            f'{html.escape(snap.url)}</a></div>' if snap.url else "")
     return (f'<div class="merge-progress" data-status="{snap.status}" data-stage="{html.escape(stage)}" '
             f'data-fraction="{snap.fraction:.3f}"><div class="merge-progress-head">{html.escape(line)}</div>'
             f'<progress max="1" value="{snap.fraction:.3f}" aria-label="progress of this step"></progress>'
-            f'<div class="merge-progress-msg">{html.escape(snap.message)}</div></div>')
+            f'<div class="merge-progress-msg">{html.escape(snap.message)}</div>{link}</div>')
 
 
 def render_log(snap: Snapshot) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import shutil
 import threading
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..compute import Backend, Handle, Here, Outcome, read_outcome
 from ..errors import CancelledError, MergerError
-from ..pipeline import Event, RunOptions, RunResult, run
+from ..pipeline import Event, RunOptions, RunResult
 from ..recipe import Recipe
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -32,21 +34,6 @@ log = logging.getLogger(__name__)
 
 Task = Callable[[Callable[[Event], None], threading.Event], RunResult]  # (progress, cancel) -> result
 EventHook = Callable[["Run", Event], None]  # called in the worker after each event (tests pause here)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a finished job produced, read before its folder may be removed."""
-
-    files: tuple[tuple[str, int], ...]  # (path inside the output folder, bytes)
-    card: str
-    pushed: tuple[str, ...]
-    sanity: dict[str, str]
-    warnings: tuple[str, ...]
-    out_dir: Path | None  # None when the folder was removed after the push (Space mode)
-    seconds: float
-    quality: tuple[str, ...] = ()  # the merge-vs-parents table (markdown lines)
-    verdict: str | None = None  # "this merge looks broken: ..." when it does
 
 
 @dataclass(frozen=True)
@@ -64,19 +51,7 @@ class Snapshot:
     log: tuple[str, ...]
     outcome: Outcome | None = None
     error: str | None = None
-
-
-def read_outcome(result: RunResult, *, kept: bool) -> Outcome:
-    """The file list with sizes and the rendered card of a finished run."""
-    folder = result.out_dir
-    files = tuple((p.relative_to(folder).as_posix(), p.stat().st_size)
-                  for p in sorted(folder.rglob("*")) if p.is_file())
-    readme = folder / "README.md"
-    return Outcome(files, readme.read_text(encoding="utf-8") if readme.is_file() else "",
-                   tuple(result.pushed), dict(result.sanity or {}), tuple(result.warnings),
-                   folder if kept else None, result.seconds,
-                   tuple(result.quality.markdown()) if result.quality else (),
-                   result.quality.verdict if result.quality else None)
+    url: str | None = None  # the run's own page when it runs elsewhere (a Hugging Face Job)
 
 
 @dataclass
@@ -95,13 +70,15 @@ class Run:
     _outcome: Outcome | None = None
     _error: str | None = None
     _thread: threading.Thread | None = None
+    _handle: Handle | None = None
 
     def start(self, recipe: Recipe | None, options: RunOptions | None, *, job_dir: Path, keep: bool,
-              cache_dir: Path | None = None, task: Task | None = None) -> None:
-        """Run in a worker thread. `job_dir` holds out_dir and belongs to this job: it is removed on error
-        or cancel, and also after success unless `keep` (a Space keeps nothing once the push is done).
-        With `cache_dir` (inside job_dir) the job downloads into that cache of its own, not the shared one.
-        `task` replaces the merge pipeline (e.g. the app's quantize-only mode) with the same reporting."""
+              cache_dir: Path | None = None, task: Task | None = None, backend: Backend | None = None) -> None:
+        """Run in a worker thread on `backend` (default: here). `job_dir` holds out_dir and belongs to this job:
+        it is removed on error or cancel, and also after success unless `keep` (a Space keeps nothing once
+        the push is done). With `cache_dir` (inside job_dir) the job downloads into that cache of its own, not
+        the shared one. `task` replaces the merge pipeline (e.g. the app's quantize-only mode) with the same
+        reporting, here."""
         with self._lock:
             if self.status != QUEUED:
                 raise MergerError(f"job {self.job_id} was already started")
@@ -111,7 +88,8 @@ class Run:
                 self._finished.set()
                 return
             self.status = RUNNING
-        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep, cache_dir, task),
+        self._thread = threading.Thread(target=self._work, args=(recipe, options, job_dir, keep, cache_dir, task,
+                                                                 backend or Here()),
                                         name=f"merge-{self.job_id}", daemon=True)
         self._thread.start()
 
@@ -119,10 +97,17 @@ class Run:
         """Ask the job to stop; the pipeline stops at its next tensor, chunk or stage and cleans up."""
         self.cancel_event.set()
         with self._lock:
+            handle = self._handle
             if self.status == QUEUED:
                 self._add_log("cancel requested; the job will not start")
             elif self.status == RUNNING:
                 self._add_log("cancel requested; stopping and removing what was written")
+        if handle is not None:
+            try:
+                handle.cancel()
+            except MergerError as e:  # e.g. the Hub did not take a job's cancel: say so, keep following
+                with self._lock:
+                    self._add_log(f"cancel failed: {e}")
 
     def wait(self, timeout: float | None = None) -> bool:
         """True when the job has finished (in any way) within `timeout` seconds."""
@@ -137,24 +122,33 @@ class Run:
         with self._lock:
             e = self._event
             return Snapshot(self.job_id, self.status, e.stage, e.fraction, e.message, e.bytes_done, e.bytes_total,
-                            self._eta(), tuple(self._log), self._outcome, self._error)
+                            self._eta(), tuple(self._log), self._outcome, self._error,
+                            self._handle.url if self._handle is not None else None)
 
     # ------------------------------------------------------------ worker side
 
     def _work(self, recipe: Recipe | None, options: RunOptions | None, job_dir: Path, keep: bool,
-              cache_dir: Path | None, task: Task | None) -> None:
+              cache_dir: Path | None, task: Task | None, backend: Backend) -> None:
         from ..hub import job_cache
 
         kept = False
         try:
             with job_cache(cache_dir) if cache_dir is not None else contextlib.nullcontext():
-                result = (task(self._on_event, self.cancel_event) if task is not None else
-                          run(recipe, options, progress=self._on_event, cancel=self.cancel_event))
-            outcome = read_outcome(result, kept=keep)
+                if task is not None:
+                    outcome = read_outcome(task(self._on_event, self.cancel_event), kept=keep)
+                else:
+                    handle = backend.submit(recipe, options)
+                    with self._lock:
+                        self._handle = handle
+                    if self.cancel_event.is_set():  # a cancel between start() and here
+                        handle.cancel()
+                    outcome = handle.run(self._on_event)
+            if not keep:
+                outcome = dataclasses.replace(outcome, out_dir=None)
             kept = keep
             with self._lock:
                 self._outcome = outcome
-                self._finish(DONE, f"done in {result.seconds:.1f} s")
+                self._finish(DONE, f"done in {outcome.seconds:.1f} s")
         except BaseException as e:  # the worker must always finish the job and clean up
             with self._lock:
                 if isinstance(e, CancelledError) or self.cancel_event.is_set():

@@ -175,6 +175,10 @@ class Method:
     whole_rows: bool = False  # blocks never cut inside a row (per-row ranks need the whole row)
     scratch: Callable[[int], float] = lambda n: 2.0  # float32 temporaries per entry of a block, n inputs
 
+    def __reduce__(self) -> tuple[Callable[[str], "Method"], tuple[str]]:
+        """Pickled by name (a merge plan crosses into a ZeroGPU window's process): the registry's own object."""
+        return _registered, (self.name,)
+
     @property
     def param_names(self) -> frozenset[str]:
         return frozenset(p.name for p in self.params)
@@ -276,3 +280,9 @@ class Method:
             else:
                 out[p.name] = p.default
         return out
+
+
+def _registered(name: str) -> Method:
+    from . import get_method
+
+    return get_method(name)
