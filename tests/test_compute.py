@@ -96,7 +96,8 @@ def test_the_wheel_installs_both_commands_and_all_packages(tmp_path: Path) -> No
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "merger = merger.__main__:main" in entry_points and "quantize = quantize.__main__:main" in entry_points
     assert {"merger/compute/jobs.py", "merger/compute/zerogpu.py", "merger/app/gallery/slerp.yml",
-            "merger/methods/__init__.py", "quantize/llama.py"} <= names
+            "merger/methods/__init__.py", "quantize/llama.py", "merger/eval/eval_text.md", "merger/finish.py",
+            "merger/remote.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
 
 
