@@ -368,6 +368,17 @@ def test_deploy_updates_with_another_card_and_removes_stale_files(space_hub: Spa
     assert files["README.md"] == card.read_bytes() and "old_module.py" not in files
     assert ".gitattributes" in files  # the Hub's own file survives delete_patterns="*"
     assert card_sdk(card.read_text()) == "gradio"
+    assert files["requirements.txt"] == (ROOT / "requirements.txt").read_bytes()  # no requirements beside it
+
+
+def test_deploy_of_the_zerogpu_card_brings_its_requirements(space_hub: SpaceHub) -> None:
+    card = ROOT / "space" / "zerogpu" / "README.md"
+    deploy("alice/llm-merger-zero", card=card, token="hf_alice_write")
+    assert space_hub.space_infos["alice/llm-merger-zero"].sdk == "gradio"
+    files = space_hub.space_files("alice/llm-merger-zero")
+    assert files["README.md"] == card.read_bytes()
+    assert files["requirements.txt"] == (ROOT / "space" / "zerogpu" / "requirements.txt").read_bytes()
+    assert files["space/zerogpu/requirements.txt"] == files["requirements.txt"] and files["app.py"]
 
 
 def test_deploy_refusals_are_one_line(space_hub: SpaceHub, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

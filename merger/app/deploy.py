@@ -59,13 +59,19 @@ def project_files(root: Path) -> list[str]:
 
 
 def stage(root: Path, card: Path, into: Path) -> int:
-    """Copy the project's files into `into`, the card as README.md; returns the number of files."""
+    """Copy the project's files into `into`, the card as README.md; returns the number of files. A
+    requirements.txt beside the card (space/zerogpu/: a Gradio SDK Space installs the root one, with
+    ZeroGPU's torch) becomes the Space's requirements.txt."""
     files = [p for p in project_files(root) if p != "README.md"]
     for rel in files:
         target = into / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
     shutil.copyfile(card, into / "README.md")
+    own = card.parent / "requirements.txt"
+    if own.is_file() and own.resolve() != (root / "requirements.txt").resolve():
+        shutil.copyfile(own, into / "requirements.txt")
+        files = sorted({*files, "requirements.txt"})
     return len(files) + 1
 
 
