@@ -50,6 +50,24 @@ def test_the_cheapest_flavor_that_fits_with_time_cost_and_reasons() -> None:
         "RAM 15.0 GB < 24.0 GB needed", "disk 50.0 GB < 155.1 GB needed", "GPU memory 16.0 GB < 21.0 GB needed")
 
 
+def test_evaluation_and_verification_forward_passes_are_in_the_estimate() -> None:
+    from types import SimpleNamespace
+
+    from merger.check import Estimates
+    from merger.compute.resources import needs_from_report, run_seconds
+
+    e = Estimates(download_bytes=3 * GB, output_bytes=1 * GB, gguf_bytes=2 * GB, disk_bytes=6 * GB,
+                  merge_ram_bytes=GB, gguf_ram_bytes=GB, merge_vram_bytes=GB)
+    report = SimpleNamespace(estimates=e)
+    with_eval, without = needs_from_report(report), needs_from_report(report, evaluate=False)
+    assert with_eval.forward_bytes == (1 + 3) * GB + (1 + 2) * GB  # merge + parents; merge + GGUF files
+    assert without.forward_bytes == (1 + 2) * GB  # GGUF verification stays
+    # at 5 MB/s per core on 2 cores: 4 GB more of forwards is 400 s; on a GPU at 1 GB/s, 4 s
+    assert run_seconds(with_eval, cores=2, gpu=False) - run_seconds(without, cores=2, gpu=False) == \
+        pytest.approx(400)
+    assert run_seconds(with_eval, cores=8, gpu=True) - run_seconds(without, cores=8, gpu=True) == pytest.approx(4)
+
+
 def test_the_readme_shows_what_the_check_prints() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for line in choose_flavor(FLAVORS, SEVENTY).lines():

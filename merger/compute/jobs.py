@@ -87,7 +87,7 @@ def plan_job(recipe: Recipe, options: RunOptions, *, flavor: str | None = None, 
     if errors:
         fix = f"; {errors[0].fix}" if errors[0].fix else ""
         raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}")
-    needs = needs_from_report(report)
+    needs = needs_from_report(report, evaluate=options.evaluate)
     choice = choose_flavor(list_flavors(options.token), needs, wanted=flavor)
     return JobPlan(needs, choice, parents)
 

@@ -23,6 +23,11 @@ CPU_MERGE_BPS_PER_CORE = 20e6  # input bytes merged per second per CPU core (mer
 WRITE_BPS = 300e6  # writing the output to local disk
 GGUF_BPS_PER_CORE = 15e6  # F16 bytes quantized per second per core (llama.cpp, K-quants)
 UPLOAD_BPS = 100e6  # pushing the result to the Hub
+# Forward passes over a model's weights for a 256-token budget (evaluation, GGUF verification): bench/verify.py
+# measured 220 s per GB on a 2-core CPU under load (~2.3 MB/s per core), 3-4x faster idle; on a GPU the
+# weights are moved to it layer by layer, so the transfer dominates.
+FORWARD_BPS_PER_CORE = 5e6
+FORWARD_GPU_BPS = 1e9
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,12 @@ class Needs:
     output_bytes: int
     gguf_bytes: int
     parents_on_disk: int  # extra disk when the parents are downloaded rather than mounted or streamed
+    forward_bytes: int = 0  # weights run through a forward pass: evaluation (merge + parents), GGUF verification
 
 
-def needs_from_report(report: CheckReport) -> Needs:
-    """The check's estimates as requirements: RAM and GPU memory at the check's memory budget."""
+def needs_from_report(report: CheckReport, *, evaluate: bool = True) -> Needs:
+    """The check's estimates as requirements: RAM and GPU memory at the check's memory budget; the forward
+    passes of the evaluation (unless `evaluate` is off) and of the GGUF verification."""
     e = report.estimates
     if e is None:
         from ..errors import ModelError
@@ -48,7 +55,9 @@ def needs_from_report(report: CheckReport) -> Needs:
     return Needs(ram_bytes=BASE_RAM + max(e.merge_ram_bytes, e.gguf_ram_bytes),
                  disk_bytes=int((e.output_bytes + e.gguf_bytes) * DISK_MARGIN),
                  gpu_bytes=e.merge_vram_bytes or e.merge_ram_bytes, read_bytes=e.download_bytes,
-                 output_bytes=e.output_bytes, gguf_bytes=e.gguf_bytes, parents_on_disk=e.download_bytes)
+                 output_bytes=e.output_bytes, gguf_bytes=e.gguf_bytes, parents_on_disk=e.download_bytes,
+                 forward_bytes=(e.output_bytes + e.download_bytes if evaluate else 0)
+                 + (e.output_bytes + e.gguf_bytes if e.gguf_bytes else 0))
 
 
 def merge_seconds(needs: Needs, *, cores: int, gpu: bool) -> float:
@@ -57,11 +66,17 @@ def merge_seconds(needs: Needs, *, cores: int, gpu: bool) -> float:
     return needs.read_bytes / min(READ_BPS, merge_rate) + needs.output_bytes / WRITE_BPS
 
 
+def forward_seconds(needs: Needs, *, cores: int, gpu: bool) -> float:
+    """The evaluation's and the GGUF verification's forward passes."""
+    return needs.forward_bytes / (FORWARD_GPU_BPS if gpu else FORWARD_BPS_PER_CORE * max(cores, 1))
+
+
 def run_seconds(needs: Needs, *, cores: int, gpu: bool, start: float = START_SECONDS) -> float:
-    """A whole job: start, merge, GGUF quantization, upload."""
+    """A whole job: start, merge, GGUF quantization, evaluation and verification, upload."""
     gguf = needs.gguf_bytes / (GGUF_BPS_PER_CORE * max(cores, 1)) if needs.gguf_bytes else 0.0
     upload = (needs.output_bytes + needs.gguf_bytes) / UPLOAD_BPS
-    return start + merge_seconds(needs, cores=cores, gpu=gpu) + gguf + upload
+    return start + merge_seconds(needs, cores=cores, gpu=gpu) + gguf + forward_seconds(needs, cores=cores, gpu=gpu) \
+        + upload
 
 
 def timeout_seconds(estimate: float) -> int:

@@ -30,7 +30,7 @@ from ..errors import CancelledError, ModelError
 from ..pipeline import Event, EventCallback, RunOptions, RunResult, run
 from ..recipe import Recipe
 from .base import Handle, Outcome, read_outcome
-from .resources import GB, GGUF_BPS_PER_CORE, Needs, merge_seconds, needs_from_report
+from .resources import GB, GGUF_BPS_PER_CORE, Needs, forward_seconds, merge_seconds, needs_from_report
 
 WINDOW_CORES = 8  # CPU cores a ZeroGPU window's process may use for the GGUF step (a planning figure)
 WINDOW_MARGIN = 1.5  # the window is the estimate times this, plus START
@@ -48,9 +48,12 @@ def available(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def window_seconds(needs: Needs) -> int:
-    """The GPU window for a merge: reading, merging, writing and the GGUF step, with a margin."""
+    """The GPU window for a merge: reading, merging, writing, the GGUF step, the evaluation's and the GGUF
+    verification's forward passes, with a margin."""
     gguf = needs.gguf_bytes / (GGUF_BPS_PER_CORE * WINDOW_CORES) if needs.gguf_bytes else 0.0
-    return int(math.ceil(WINDOW_START + WINDOW_MARGIN * (merge_seconds(needs, cores=WINDOW_CORES, gpu=True) + gguf)))
+    work = merge_seconds(needs, cores=WINDOW_CORES, gpu=True) + gguf + forward_seconds(needs, cores=WINDOW_CORES,
+                                                                                       gpu=True)
+    return int(math.ceil(WINDOW_START + WINDOW_MARGIN * work))
 
 
 def refusal(needs: Needs, seconds: int, *, quota: int) -> str | None:
@@ -192,12 +195,13 @@ class ZeroGPUHandle(Handle):
         from ..pipeline import check
 
         progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
-        report = check(self.recipe, token=self.options.token, gguf=self.options.gguf, allow_bin=self.options.allow_bin)
+        report = check(self.recipe, token=self.options.token, gguf=self.options.gguf, allow_bin=self.options.allow_bin,
+                       max_memory=self.options.max_memory)
         errors = [p for p in report.problems if p.severity == "error"]
         if errors:
             fix = f"; {errors[0].fix}" if errors[0].fix else ""
             raise ModelError(f"pre-flight check failed: {errors[0].message}{fix}")
-        needs = needs_from_report(report)
+        needs = needs_from_report(report, evaluate=self.options.evaluate)
         seconds = window_seconds(needs)
         why = refusal(needs, seconds, quota=self.backend.quota_seconds)
         if why:
