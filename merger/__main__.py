@@ -335,7 +335,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # run's OUT_DIR is optional (not with --job), and argparse does not match an optional positional that
+    # comes after options (`run RECIPE --no-eval OUT`): take the one word left over as OUT_DIR
+    if args.command == "run" and args.out_dir is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.out_dir, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "methods":
             return cmd_methods()
