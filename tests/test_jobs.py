@@ -274,14 +274,14 @@ def test_app_page_checks_and_runs_on_jobs(hub: HubServer, parents: dict[str, str
         client = Client(f"http://127.0.0.1:{port}", verbose=False, oauth_token=TOKEN)
         report, _ = client.predict(RECIPE, [], "jobs", api_name="/check")
         assert "**Hugging Face Jobs flavor: cpu-basic" in report and "estimated cost < $0.01" in report
-        progress, log, result, card = client.predict(RECIPE, "app-merge", True, False, [], "jobs",
+        progress, log, result, card = client.predict(RECIPE, "app-merge", True, False, [], False, "jobs",
                                                      api_name="/merge")
     finally:
         blocks.close()
     (job,) = hub.jobs.jobs.values()
     assert 'data-status="done"' in progress, result
     assert f"{hub.url}/jobs/alice/{job.id}" in progress  # the job's page, linked from the progress panel
-    assert f"Published: [{hub.url}/alice/app-merge]" in result  # "Publish" was off: a job always pushes
+    assert f"**Model on the Hub**: [{hub.url}/alice/app-merge]" in result  # "Publish" was off: a job always pushes
     assert hub.repos["alice/app-merge"].private
     assert "job: Hugging Face Job" in log and "merge:" in log and TOKEN not in log + result + card + progress
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))
