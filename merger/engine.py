@@ -215,6 +215,22 @@ def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
                      warnings)
 
 
+def output_parameters(method: Method, recipe: Recipe, out: PlannedOutput) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The shared values and each input's values for one output tensor, by mergekit's precedence
+    (the input's own, the slice's, the top level's, the default). RecipeError names a required
+    parameter that no scope gives a value for this tensor (e.g. only under filters it does not match).
+    """
+    shared = {p.name: resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
+              for p in method.params if not p.per_model}
+    per_model = []
+    for j, src in enumerate(out.sources):
+        own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
+        per_model.append({p.name: resolve_parameter(p, (*own, out.slice_params, recipe.params),
+                                                    src.ref.source_name, out.t)
+                          for p in method.params if p.per_model and not (p.non_base and j == out.base_index)})
+    return shared, per_model
+
+
 def _has_scale(s: Slice, recipe: Recipe) -> bool:
     return any("scale" in (src.params or {}) for src in s.sources) or "scale" in (s.params or {}) \
         or "scale" in (recipe.params or {})
@@ -411,7 +427,7 @@ class MergeRunner:
             job.emit(lambda block: block.tensors[0])
             return
         method = self.plan.method
-        shared, per_model = self._parameters(out)
+        shared, per_model = output_parameters(method, self.plan.recipe, out)
         generator = None
         if method.randomized:
             generator = torch.Generator(device="cpu")
@@ -429,25 +445,6 @@ class MergeRunner:
         if whole is not None:
             for sink in sinks:
                 sink(name, whole)
-
-    def _parameters(self, out: PlannedOutput) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The method's shared values and each input's own, resolved for this tensor."""
-        method = self.plan.method
-        recipe = self.plan.recipe
-        shared, per_model = {}, []
-        for p in method.params:
-            if not p.per_model:
-                shared[p.name] = resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
-        for j, src in enumerate(out.sources):
-            values = {}
-            src_name = src.ref.source_name
-            own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
-            for p in method.params:
-                if not p.per_model or (p.non_base and j == out.base_index):
-                    continue
-                values[p.name] = resolve_parameter(p, (*own, out.slice_params, recipe.params), src_name, out.t)
-            per_model.append(values)
-        return shared, per_model
 
     # ---------------------------------------------------------------- reading and staging
 

@@ -63,6 +63,7 @@ class RunOptions:
     eval_tokens: int = 256  # token budget of GGUF verification and of the evaluation
     lineage: bool = True  # read the Hub parents' family tree into the card
     remixed_from: str | None = None  # the Hub model whose recipe this one remixes, linked from the card
+    strict: bool = False  # the recipe's warnings (keys mergekit ignores) stop the run
 
 
 @dataclass
@@ -221,7 +222,7 @@ def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (
     if is_moe(recipe):
         from .moe.check import check_moe as check_recipe
     report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
-                          max_memory=max_memory)
+                          max_memory=max_memory, strict=strict)
     if out_dir is not None and report.estimates is not None:
         from .disk import disk_problem
         from .hub import cached_bytes, hub_cache_dir
@@ -243,7 +244,8 @@ def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback
     progress(Event("check", 0.0, "checking the recipe and the models (no weights are downloaded)"))
     report = check(recipe, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
                    max_memory=options.max_memory, out_dir=options.out_dir,
-                   on_space=not options.allow_local)  # Hub models only: a Space
+                   on_space=not options.allow_local,  # Hub models only: a Space
+                   strict=options.strict)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""

@@ -29,6 +29,7 @@ def get_method(name: str) -> Method:
     normalized = str(name).strip().lower().replace("-", "_").replace(" ", "_")
     close = difflib.get_close_matches(normalized, METHODS, n=1, cutoff=0.6)
     if close:
-        raise RecipeError(f"unknown merge_method {name!r}; did you mean {close[0]!r}?")
+        raise RecipeError(f"unknown merge_method {name!r}; did you mean {close[0]!r}? (all {len(METHODS)} methods "
+                          "of mergekit 0.1.5 are supported; methods of mergekit forks are not)")
     raise RecipeError(f"unknown merge_method {name!r}; mergekit 0.1.5's methods, all supported here, are: "
                       f"{', '.join(sorted(METHODS))} (methods of mergekit forks are not)")
