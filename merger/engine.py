@@ -52,10 +52,12 @@ class SourceTensor:
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Row gather for a vocab-sized tensor: out row r <- input row index[r], or fallback when -1."""
+    """Row gather for a vocab-sized tensor: out row r <- input row index[r]; where an input lacks the
+    token (-1), the mean of the rows of the inputs marked in donors[:, r] (mergekit's rule: the one
+    model that has it, else the base, else all that have it; none: zeros)."""
 
     index: tuple[torch.Tensor, ...]
-    fallback: int  # input position whose rows fill tokens another model lacks
+    donors: torch.Tensor  # bool [inputs, rows]
 
 
 @dataclass(frozen=True)
@@ -261,20 +263,34 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
     src_model = base if source == "base" else source
     if vocabs is None or src_model not in vocabs:
         raise ModelError(f"tokenizer_source {source} needs a tokenizer.json in {src_model}; it has none")
-    out_vocab = vocabs[src_model]
-    out_rows = infos[src_model].tensors.get(name, sources[0].ref).shape[0]
-    fallback = next((i for i, x in enumerate(sources) if x.model == src_model), None)
-    if fallback is None:
+    if all(x.model != src_model for x in sources):
         raise ModelError(f"tokenizer_source {source} must be one of the merged models")
-    by_id = {i: tok for tok, i in out_vocab.items()}
+    out_vocab = _usable_vocab(vocabs[src_model], infos[src_model])
+    out_rows = len(out_vocab)  # as mergekit: one row per token, padding rows past the tokenizer dropped
+    if any(i >= out_rows for i in out_vocab.values()):
+        raise ModelError(f"the tokenizer of {src_model} has gaps in its token ids; it cannot define the "
+                         "output vocabulary")
+    tokens = sorted(out_vocab, key=out_vocab.get)
     index = []
     for x in sources:
-        vocab = vocabs.get(x.model, {})
+        vocab = _usable_vocab(vocabs.get(x.model) or vocabs[src_model], infos[x.model])
         rows = x.ref.shape[0]
-        ids = [vocab.get(by_id.get(r, ""), -1) if r in by_id else (r if x.model == src_model else -1)
-               for r in range(out_rows)]
-        index.append(torch.tensor([i if 0 <= i < rows else -1 for i in ids], dtype=torch.long))
-    return (out_rows, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), fallback)
+        index.append(torch.tensor([i if 0 <= (i := vocab.get(tok, -1)) < rows else -1 for tok in tokens],
+                                  dtype=torch.long))
+    present = torch.stack(index) >= 0
+    donors = present.clone()
+    base_at = next((k for k, x in enumerate(sources) if x.model == base), None)
+    if base_at is not None:  # a token the base has and another model lacks takes the base's row
+        shared = (present.sum(0) > 1) & present[base_at]
+        donors[:, shared] = False
+        donors[base_at, shared] = True
+    return (out_rows, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors)
+
+
+def _usable_vocab(vocab: Mapping[str, int], info: arch.ModelInfo) -> dict[str, int]:
+    """The tokens of a tokenizer that have a row in the model (mergekit strips ids >= vocab_size)."""
+    limit = info.vocab_size if info.vocab_size is not None else len(vocab)
+    return {tok: i for tok, i in vocab.items() if i < limit}
 
 
 # ---------------------------------------------------------------- running

@@ -1,0 +1,86 @@
+"""Models whose tokenizers differ, merged with `tokenizer_source: base` or a model: the embedding rows
+of tokens some model lacks follow mergekit 0.1.5's rule (the one model that has the token gives its
+row, else the base, else the mean of the models that have it), and the whole checkpoint equals
+mergekit's. The output tokenizer loads in transformers and encodes the added tokens to their ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from merger.app.tiny import make_tiny_model
+from tests.test_parity import run_both, ulps, weights
+
+
+def _with_tokens(folder: Path, tokens: list[str]) -> Path:
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens(tokens)
+    tok.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == len(tok), (config["vocab_size"], len(tok))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    base = make_tiny_model(root / "base", "llama", seed=5)
+    rows = json.loads((base / "config.json").read_text())["vocab_size"]
+    a = _with_tokens(make_tiny_model(root / "a", "llama", seed=6, vocab=rows + 2), ["<|a1|>", "<|a2|>"])
+    b = _with_tokens(make_tiny_model(root / "b", "llama", seed=7, vocab=rows + 3), ["<|a1|>", "<|b1|>", "<|b2|>"])
+    return {"BASE": base, "A": a, "B": b, "rows": rows}
+
+
+RECIPES = {
+    "linear-source-a": "models:\n  - {model: BASE, parameters: {weight: 0.2}}\n  - {model: A, parameters: {weight: 0.5}}\n"
+                       "  - {model: B, parameters: {weight: 0.3}}\nmerge_method: linear\ntokenizer_source: A\n",
+    "ties-base-lacks": "models:\n  - {model: BASE}\n  - {model: A, parameters: {weight: 0.6, density: 1.0}}\n"
+                       "  - {model: B, parameters: {weight: 0.4, density: 1.0}}\n"
+                       "merge_method: ties\nbase_model: BASE\ntokenizer_source: A\n",
+    "task-arithmetic-base-b": "models:\n  - {model: B}\n  - {model: A, parameters: {weight: 0.5}}\n"
+                              "  - {model: BASE, parameters: {weight: 0.5}}\n"
+                              "merge_method: task_arithmetic\nbase_model: B\ntokenizer_source: base\n",
+}
+
+
+def _text(name: str, trio) -> str:
+    text = RECIPES[name] + "dtype: float32\n"
+    for key in ("BASE", "A", "B"):
+        text = text.replace(f"model: {key}", f"model: {trio[key]}").replace(f"_model: {key}", f"_model: {trio[key]}")
+        text = text.replace(f"tokenizer_source: {key}\n", f"tokenizer_source: {trio[key]}\n")
+    return text
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_differing_tokenizers_match_mergekit(name: str, trio, tmp_path: Path) -> None:
+    ours, theirs, _ = run_both(_text(name, trio), tmp_path)
+    assert set(ours) == set(theirs)
+    for tensor in ours:
+        assert ours[tensor].shape == theirs[tensor].shape, tensor
+        # (ties with density 1: sign election only; a trim would keep an arbitrary subset of the fp16
+        # deltas tied at its threshold, see test_parity)
+        assert (ulps(ours[tensor], theirs[tensor]) > 1.01).sum() == 0, tensor
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert len(tok) == ours["model.embed_tokens.weight"].shape[0]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").vocab_size == len(tok)
+
+
+def test_missing_token_rows_follow_mergekits_rule(trio, tmp_path: Path) -> None:
+    """linear over BASE, A, B with A's tokenizer: <|a2|> only A has (A's row for everyone), <|a1|> A
+    and B have (their mean for BASE); the merge is the weighted mean of those rows."""
+    ours, _, _ = run_both(_text("linear-source-a", trio), tmp_path)
+    rows = trio["rows"]
+    e = {k: weights(trio[k])["model.embed_tokens.weight"].float() for k in ("BASE", "A", "B")}
+    out = ours["model.embed_tokens.weight"]
+    a1_b = e["B"][rows]  # <|a1|> is B's first added token
+    a1_default = (e["A"][rows] + a1_b) / 2
+    expected_a1 = (0.2 * a1_default + 0.5 * e["A"][rows] + 0.3 * a1_b) / 1.0
+    expected_a2 = e["A"][rows + 1]  # every model takes A's row, weights sum to 1
+    torch.testing.assert_close(out[rows], expected_a1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[rows + 1], expected_a2, rtol=1e-5, atol=1e-6)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert tok.convert_tokens_to_ids(["<|a1|>", "<|a2|>"]) == [rows, rows + 1]
