@@ -420,8 +420,8 @@ def _tokenizer_problems(recipe: Recipe, groups: list[tuple[list[InputModel], Mod
                                f"tokenizer of {keep}: the embeddings are rebuilt for it, rows of tokens the "
                                "models share are merged and its own tokens keep their embedding"))
         else:
-            out.append(Problem(NOTE, f"vocab sizes differ ({detail}); the embeddings are rebuilt for the tokenizer "
-                                     f"of {source}"))
+            target = "the union of the models' tokenizers" if source == "union" else f"the tokenizer of {source}"
+            out.append(Problem(NOTE, f"vocab sizes differ ({detail}); the embeddings are rebuilt for {target}"))
     return out
 
 

@@ -132,8 +132,13 @@ def _head_fallback(info: arch.ModelInfo, name: str) -> arch.TensorRef | None:
 
 
 def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
-               vocabs: Mapping[ModelRef, Mapping[str, int]] | None = None) -> MergePlan:
-    """Every output tensor with its inputs and parameter scopes, from metadata alone."""
+               vocabs: Mapping[ModelRef, Mapping[str, int]] | None = None,
+               union_vocab: Mapping[str, int] | None = None) -> MergePlan:
+    """Every output tensor with its inputs and parameter scopes, from metadata alone.
+
+    `vocabs` (token -> id per model) align embeddings to the tokenizer source's vocabulary, or to
+    `union_vocab` for `tokenizer_source: union` (merger.tokenizer.build_union).
+    """
     method = get_method(recipe.method)
     groups = _group_inputs(recipe, infos)
     first_slice, first_base = groups[0]
@@ -178,7 +183,8 @@ def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
                 raise ModelError(f"tensor {name} has different shapes ({detail}); these models have "
                                  "different architectures or sizes and cannot be merged")
         if embedding and (len(shapes) > 1 or vocabs):
-            shape, rows, vocab = _vocab_plan(recipe, name, sources, base, reference, infos, vocabs, warnings)
+            shape, rows, vocab = _vocab_plan(recipe, name, sources, base, reference, infos, vocabs, warnings,
+                                             union_vocab)
         base_index = next((i for i, x in enumerate(sources) if x.model == base), None) if base else None
         stored = sources[0].ref.dtype
         dtype = out_dtype if stored in FLOAT_DTYPES else stored
@@ -248,7 +254,8 @@ def _native_dtype(info: arch.ModelInfo) -> str:
 def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: ModelRef | None,
                 reference: ModelRef, infos: Mapping[ModelRef, arch.ModelInfo],
                 vocabs: Mapping[ModelRef, Mapping[str, int]] | None,
-                warnings: list[str]) -> tuple[tuple[int, ...], int | None, VocabMap | None]:
+                warnings: list[str], union_vocab: Mapping[str, int] | None = None,
+                ) -> tuple[tuple[int, ...], int | None, VocabMap | None]:
     """Embedding rows when vocabularies differ: a common top-left block, or a tokenizer's vocabulary."""
     shapes = [x.ref.shape for x in sources]
     source = recipe.tokenizer_source
@@ -260,12 +267,14 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
             if msg not in warnings:
                 warnings.append(msg)
         return (rows, *shapes[0][1:]), rows, None
-    src_model = base if source == "base" else source
+    src_model = (base or reference) if source in ("base", "union") else source
     if vocabs is None or src_model not in vocabs:
         raise ModelError(f"tokenizer_source {source} needs a tokenizer.json in {src_model}; it has none")
-    if all(x.model != src_model for x in sources):
+    if all(x.model != src_model for x in sources) and source != "union":
         raise ModelError(f"tokenizer_source {source} must be one of the merged models")
-    out_vocab = _usable_vocab(vocabs[src_model], infos[src_model])
+    if source == "union" and union_vocab is None:
+        raise ModelError("tokenizer_source: union needs the union vocabulary (merger.tokenizer.build_union)")
+    out_vocab = dict(union_vocab) if source == "union" else _usable_vocab(vocabs[src_model], infos[src_model])
     out_rows = len(out_vocab)  # as mergekit: one row per token, padding rows past the tokenizer dropped
     if any(i >= out_rows for i in out_vocab.values()):
         raise ModelError(f"the tokenizer of {src_model} has gaps in its token ids; it cannot define the "

@@ -121,10 +121,12 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
     """
     started = time.monotonic()
     infos = inspect_models(recipe, folders, allow_bin=allow_bin)
-    vocabs = None
+    vocabs = union = None
     if recipe.tokenizer_source is not None:
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
-    plan = plan_merge(recipe, infos, vocabs=vocabs)
+    if recipe.tokenizer_source == "union":
+        union = _union(recipe, infos, folders)
+    plan = plan_merge(recipe, infos, vocabs=vocabs, union_vocab=union.vocab if union else None)
     tmp = prepare_output(out_dir, overwrite=overwrite)
     readers = {}
     sinks: list[Any] = []
@@ -132,7 +134,7 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
         config = arch.output_config(infos[plan.reference].config, num_layers=plan.num_layers,
                                     vocab_size=plan.vocab_size, dtype=plan.out_dtype,
                                     tie_word_embeddings=plan.tie_word_embeddings, layer_sources=plan.layer_sources)
-        files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp)
+        files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp, union)
         readers = {ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
         writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
                                shard_size=shard_size, metadata={"mergekit_method": recipe.method})
@@ -169,16 +171,31 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                      seconds=time.monotonic() - started)
 
 
+def _union(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], folders: Mapping[ModelRef, Path]):
+    """The union tokenizer of every merged model, the base's (or the first model's) first."""
+    from .tokenizer import build_union
+
+    refs = recipe.referenced_models()  # base first, then in order of appearance
+    rows = {ref: infos[ref].vocab_size or infos[ref].embedding_rows or 0 for ref in refs}
+    return build_union(folders[refs[0]], rows[refs[0]], [(folders[r], rows[r]) for r in refs[1:]])
+
+
 def _write_tokenizer_and_recipe(recipe: Recipe, plan: MergePlan, folders: Mapping[ModelRef, Path],
-                                tmp: Path) -> list[str]:
+                                tmp: Path, union: Any = None) -> list[str]:
     """Generation config and tokenizer of the reference (or tokenizer_source) model, and the recipe."""
+    from .output import TOKENIZER_FILES
+    from .tokenizer import write_union_tokenizer
+
     files = []
     ref_folder = folders[plan.reference]
     if (ref_folder / "generation_config.json").is_file():
         shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
         files.append("generation_config.json")
     tok_src = recipe.tokenizer_source if isinstance(recipe.tokenizer_source, ModelRef) else plan.reference
-    files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template)
+    if union is not None:
+        tok_src = recipe.referenced_models()[0]
+        write_union_tokenizer(folders[tok_src], union, tmp, TOKENIZER_FILES)
+    files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template, keep=union is not None)
     (tmp / RECIPE_FILE).write_text(recipe.text if recipe.text.endswith("\n") else recipe.text + "\n",
                                    encoding="utf-8")
     files.append(RECIPE_FILE)

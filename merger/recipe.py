@@ -526,8 +526,7 @@ def _tokenizer_source(data: dict, ref: Any, warnings: list[str]) -> str | ModelR
     if value is None:
         return None
     if value == "union":
-        raise RecipeError("tokenizer_source: union is not supported; use 'base' or the model whose "
-                          "tokenizer the merge should keep")
+        return "union"
     if value == "base":
         if data.get("base_model") is None and not any(
                 isinstance(s, dict) and s.get("base_model") for s in data.get("slices") or []):

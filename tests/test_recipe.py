@@ -84,7 +84,6 @@ def test_local_folders_resolve_relative_to_the_recipe(tmp_path: Path, llama_fami
     ("merge_method: slerp\nbase_model: a/b\nmodels: [{model: a/b}, {model: c/d}]", "slerp needs 't'"),
     ("merge_method: linear\nparameters: {weight: 1}\nmodels: [" + ", ".join(f"m/x{i}" for i in range(65)) + "]",
      "names 65 different models; at most 64"),
-    ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: a/b, parameters: {weight: 1}}]", "union is not supported"),
     ("merge_method: linear\nmodels: [{model: a/b}]\nmodels: [{model: c/d}]", "key 'models' appears twice"),
     ("", "the recipe is empty"),
     ("- just\n- a list", "the recipe must be a mapping"),

@@ -159,6 +159,12 @@ def test_modules_of_multi_module_models_are_refused() -> None:
                      "  vision_tower:\n    models: [{model: a/b}]\nparameters: {weight: 1}\n")
 
 
+def test_union_is_mergekits_default_tokenizer_source() -> None:
+    for tail in ("tokenizer_source: union\n", "tokenizer: {source: union}\n", "tokenizer: {}\n"):
+        recipe = parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\n" + tail)
+        assert recipe.tokenizer_source == "union", tail
+
+
 def test_mapping_model_reference_with_a_revision() -> None:
     recipe = parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels:\n"
                           "  - model: {model: {path: org/a, revision: v1.0}}\n  - model: org/b@abc123\n")
@@ -179,8 +185,6 @@ def test_mapping_model_reference_with_a_revision() -> None:
     ("merge_method: della_ties\nmodels: [a/b]\n", "did you mean 'dare_ties'.*methods of mergekit forks are not"),
     ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {pad_to_multiple_of: 64}\n",
      "tokenizer.pad_to_multiple_of is not supported yet"),
-    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {source: union}\n",
-     "union is not supported"),
 ])
 def test_what_is_not_a_runnable_recipe_gets_one_line(text: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message) as e:

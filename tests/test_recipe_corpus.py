@@ -39,7 +39,6 @@ from mergekit.plan import MergePlanner  # noqa: E402
 
 CORPUS = sorted((Path(__file__).parent / "recipes").glob("*.yml"))
 NOT_YET = {  # what mergekit accepts and we refuse for now, and the refusal's words
-    "union": "tokenizer_source: union is not supported",
     "moe": "mergekit-moe configuration",
     "lora": "model+LoRA syntax, which is not supported",
 }

@@ -1,7 +1,8 @@
-"""Models whose tokenizers differ, merged with `tokenizer_source: base` or a model: the embedding rows
-of tokens some model lacks follow mergekit 0.1.5's rule (the one model that has the token gives its
-row, else the base, else the mean of the models that have it), and the whole checkpoint equals
-mergekit's. The output tokenizer loads in transformers and encodes the added tokens to their ids."""
+"""Models whose tokenizers differ, merged with `tokenizer_source: base`, a model, or `union`: the
+embedding rows of tokens some model lacks follow mergekit 0.1.5's rule (the one model that has the
+token gives its row, else the base, else the mean of the models that have it), and the whole
+checkpoint equals mergekit's (token by token for the union, whose new ids mergekit assigns in hash
+order). The output tokenizer loads in transformers and encodes the added tokens to their ids."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ RECIPES = {
 }
 
 
-def _text(name: str, trio) -> str:
-    text = RECIPES[name] + "dtype: float32\n"
+def _text(recipe: str, trio) -> str:
+    text = recipe + "dtype: float32\n"
     for key in ("BASE", "A", "B"):
         text = text.replace(f"model: {key}", f"model: {trio[key]}").replace(f"_model: {key}", f"_model: {trio[key]}")
         text = text.replace(f"tokenizer_source: {key}\n", f"tokenizer_source: {trio[key]}\n")
@@ -57,7 +58,7 @@ def _text(name: str, trio) -> str:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_differing_tokenizers_match_mergekit(name: str, trio, tmp_path: Path) -> None:
-    ours, theirs, _ = run_both(_text(name, trio), tmp_path)
+    ours, theirs, _ = run_both(_text(RECIPES[name], trio), tmp_path)
     assert set(ours) == set(theirs)
     for tensor in ours:
         assert ours[tensor].shape == theirs[tensor].shape, tensor
@@ -72,7 +73,7 @@ def test_differing_tokenizers_match_mergekit(name: str, trio, tmp_path: Path) ->
 def test_missing_token_rows_follow_mergekits_rule(trio, tmp_path: Path) -> None:
     """linear over BASE, A, B with A's tokenizer: <|a2|> only A has (A's row for everyone), <|a1|> A
     and B have (their mean for BASE); the merge is the weighted mean of those rows."""
-    ours, _, _ = run_both(_text("linear-source-a", trio), tmp_path)
+    ours, _, _ = run_both(_text(RECIPES["linear-source-a"], trio), tmp_path)
     rows = trio["rows"]
     e = {k: weights(trio[k])["model.embed_tokens.weight"].float() for k in ("BASE", "A", "B")}
     out = ours["model.embed_tokens.weight"]
@@ -84,3 +85,39 @@ def test_missing_token_rows_follow_mergekits_rule(trio, tmp_path: Path) -> None:
     torch.testing.assert_close(out[rows + 1], expected_a2, rtol=1e-5, atol=1e-6)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
     assert tok.convert_tokens_to_ids(["<|a1|>", "<|a2|>"]) == [rows, rows + 1]
+
+
+UNION = {
+    "linear-union": "models:\n  - {model: BASE, parameters: {weight: 0.2}}\n  - {model: A, parameters: {weight: 0.5}}\n"
+                    "  - {model: B, parameters: {weight: 0.3}}\nmerge_method: linear\nbase_model: BASE\n"
+                    "tokenizer_source: union\n",
+    "task-arithmetic-union": "models:\n  - {model: BASE}\n  - {model: A, parameters: {weight: 0.6}}\n"
+                             "  - {model: B, parameters: {weight: 0.4}}\n"
+                             "merge_method: task_arithmetic\nbase_model: BASE\ntokenizer: {source: union}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNION))
+def test_union_tokenizer_matches_mergekit_token_by_token(name: str, trio, tmp_path: Path) -> None:
+    """mergekit numbers the new tokens in hash order (run to run), so rows are compared by token."""
+    ours, theirs, _ = run_both(_text(UNION[name], trio), tmp_path)
+    ours_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "theirs")
+    ours_vocab, theirs_vocab = ours_tok.get_vocab(), theirs_tok.get_vocab()
+    assert set(ours_vocab) == set(theirs_vocab)
+    assert len(ours_vocab) == trio["rows"] + 4  # <|a1|> (A and B), <|a2|> (A), <|b1|>, <|b2|> (B)
+    tokens = sorted(ours_vocab)
+    for tensor in ours:
+        a, b = ours[tensor], theirs[tensor]
+        if a.shape != b.shape or a.shape[0] != len(tokens):
+            assert a.shape == b.shape, tensor
+            assert (ulps(a, b) > 1.01).sum() == 0, tensor
+            continue
+        a = a[[ours_vocab[t] for t in tokens]]
+        b = b[[theirs_vocab[t] for t in tokens]]
+        assert (ulps(a, b) > 1.01).sum() == 0, tensor
+    new = ["<|a1|>", "<|a2|>", "<|b1|>", "<|b2|>"]  # base first, then each model's tokens in recipe order
+    assert ours_tok.convert_tokens_to_ids(new) == list(range(trio["rows"], trio["rows"] + 4))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").vocab_size == trio["rows"] + 4
+    ids = ours_tok("hello <|b2|>", add_special_tokens=False).input_ids
+    assert ids[-1] == ours_vocab["<|b2|>"]
