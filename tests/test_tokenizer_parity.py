@@ -121,3 +121,21 @@ def test_union_tokenizer_matches_mergekit_token_by_token(name: str, trio, tmp_pa
     assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").vocab_size == trio["rows"] + 4
     ids = ours_tok("hello <|b2|>", add_special_tokens=False).input_ids
     assert ids[-1] == ours_vocab["<|b2|>"]
+
+
+def test_union_tokenizer_round_trips_through_gguf(trio, tmp_path: Path) -> None:
+    """The union output converts to GGUF with every token, the new ones at their ids and typed as
+    user-defined tokens, and llama.cpp's token list equals transformers' vocabulary."""
+    import gguf
+
+    from quantize.convert import convert_folder
+
+    run_both(_text(UNION["linear-union"], trio), tmp_path)
+    (path,) = convert_folder(tmp_path / "ours", tmp_path / "union.gguf", "f32")
+    fields = gguf.GGUFReader(path).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    assert len(tokens) == len(vocab) == trio["rows"] + 4
+    assert all(tokens[i] == tok for tok, i in vocab.items())
+    kinds = fields["tokenizer.ggml.token_type"].contents()
+    assert kinds[vocab["<|b2|>"]] == gguf.TokenType.USER_DEFINED
