@@ -58,6 +58,7 @@ class VocabMap:
 
     index: tuple[torch.Tensor, ...]
     donors: torch.Tensor  # bool [inputs, rows]
+    pad: int = 0  # rows appended past the vocabulary (pad_to_multiple_of): each input's mean row
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,9 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
         shared = (present.sum(0) > 1) & present[base_at]
         donors[:, shared] = False
         donors[base_at, shared] = True
-    return (out_rows, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors)
+    multiple = recipe.pad_to_multiple_of
+    pad = (-out_rows) % multiple if multiple else 0
+    return (out_rows + pad, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors, pad)
 
 
 def _usable_vocab(vocab: Mapping[str, int], info: arch.ModelInfo) -> dict[str, int]:
@@ -626,6 +629,20 @@ def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> No
     if not (math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit):
         raise ModelError(f"the merge produced NaN or Inf values in {name}; check the inputs for NaN/Inf weights "
                          "and the recipe's parameters (values beyond the output dtype's range become Inf)")
+
+
+def _fill_missing(out: list[torch.Tensor], missing: list[torch.Tensor], donors: torch.Tensor) -> None:
+    """Rows of tokens an input lacks: the mean of the donors' rows, in place."""
+    device = out[0].device
+    needed = torch.stack(missing).any(0)
+    donors = donors[:, needed]
+    default = torch.zeros((int(needed.sum()), *out[0].shape[1:]), dtype=out[0].dtype, device=device)
+    for k, rows in enumerate(out):
+        take = donors[k].view(-1, *([1] * (rows.dim() - 1)))
+        default += torch.where(take, rows[needed], 0)
+    default /= donors.sum(0).clamp(min=1).view(-1, *([1] * (default.dim() - 1)))
+    for rows, m in zip(out, missing):
+        rows[m] = default[m[needed]]
 
 
 __all__ = ["MergePlan", "MergeRunner", "PlannedOutput", "Progress", "plan_merge", "resolve_device",

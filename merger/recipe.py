@@ -91,6 +91,7 @@ class Recipe:
     chat_template: str | None
     text: str
     warnings: tuple[str, ...] = ()  # keys mergekit ignores, each with its likely fix
+    pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: embedding rows rounded up
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe needs, base first, each once, in order of appearance."""
@@ -120,7 +121,8 @@ class Recipe:
                            for sl in self.slices)
         tok = sub(self.tokenizer_source) if isinstance(self.tokenizer_source, ModelRef) else self.tokenizer_source
         return Recipe(self.method, sub(self.base_model), tuple(sub_input(m) for m in self.models), slices,
-                      self.params, self.dtype, self.out_dtype, tok, self.chat_template, self.text, self.warnings)
+                      self.params, self.dtype, self.out_dtype, tok, self.chat_template, self.text, self.warnings,
+                      self.pad_to_multiple_of)
 
 
 # ---------------------------------------------------------------- safe YAML
@@ -474,6 +476,9 @@ def _parse(text: str, allow_local: bool, base_dir: str | Path | None, warnings: 
     dtype = _dtype(data, "dtype")
     out_dtype = _dtype(data, "out_dtype")
     tokenizer_source = _tokenizer_source(data, ref, warnings)
+    pad = data["tokenizer"].get("pad_to_multiple_of") if isinstance(data.get("tokenizer"), dict) else None
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(f"tokenizer.pad_to_multiple_of must be a positive whole number, like 64, not '{_short(pad)}'")
     chat_template = data.get("chat_template")
     names = (*NAMED_CHAT_TEMPLATES, "auto")
     if chat_template is not None and (not isinstance(chat_template, str) or (
@@ -484,7 +489,7 @@ def _parse(text: str, allow_local: bool, base_dir: str | Path | None, warnings: 
         raise RecipeError("name must be a string")
 
     recipe = Recipe(method.name, base, tuple(models), tuple(slices) if slices is not None else None,
-                    top, dtype, out_dtype, tokenizer_source, chat_template, text, tuple(warnings))
+                    top, dtype, out_dtype, tokenizer_source, chat_template, text, tuple(warnings), pad)
     if len(recipe.referenced_models()) > MAX_MODELS:
         raise RecipeError(f"the recipe names {len(recipe.referenced_models())} different models; at most "
                           f"{MAX_MODELS} can be merged in one recipe")
@@ -519,9 +524,8 @@ def _tokenizer_source(data: dict, ref: Any, warnings: list[str]) -> str | ModelR
     value = data.get("tokenizer_source")
     if data.get("tokenizer") is not None:
         tokenizer = compat.known_keys("tokenizer", data["tokenizer"], TOKENIZER_KEYS, warnings)
-        for key in ("tokens", "pad_to_multiple_of"):
-            if tokenizer.get(key) is not None:
-                raise RecipeError(f"tokenizer.{key} is not supported yet; remove it, or merge with mergekit")
+        if tokenizer.get("tokens") is not None:
+            raise RecipeError("tokenizer.tokens is not supported yet; remove it, or merge with mergekit")
         value = tokenizer.get("source", "union")  # mergekit's default source
     if value is None:
         return None

@@ -183,8 +183,10 @@ def test_mapping_model_reference_with_a_revision() -> None:
     ("merge_method: linear\nmodels: [a/b]\n---\nmerge_method: slerp\n", "several YAML documents"),
     ("merge_method: frankenmoe_glue\nmodels: [a/b]\n", "mergekit 0.1.5's methods, all supported here, are: arcee_fusion"),
     ("merge_method: della_ties\nmodels: [a/b]\n", "did you mean 'dare_ties'.*methods of mergekit forks are not"),
-    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {pad_to_multiple_of: 64}\n",
-     "tokenizer.pad_to_multiple_of is not supported yet"),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {tokens: {x: {source: a/b}}}\n",
+     "tokenizer.tokens is not supported yet"),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {pad_to_multiple_of: 0}\n",
+     "pad_to_multiple_of must be a positive whole number"),
 ])
 def test_what_is_not_a_runnable_recipe_gets_one_line(text: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message) as e:
