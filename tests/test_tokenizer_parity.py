@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from merger.app.tiny import make_tiny_model
+from merger.errors import MergerError
 from tests.test_parity import run_both, ulps, weights
 
 
@@ -143,3 +144,15 @@ def test_union_tokenizer_round_trips_through_gguf(trio, tmp_path: Path) -> None:
     assert all(tokens[i] == tok for tok, i in vocab.items())
     kinds = fields["tokenizer.ggml.token_type"].contents()
     assert kinds[vocab["<|b2|>"]] == gguf.TokenType.USER_DEFINED
+
+
+def test_union_takes_a_model_without_tokenizer_json_to_share_the_bases(trio, tmp_path: Path) -> None:
+    from merger.tokenizer import build_union
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    rows = trio["rows"]
+    union = build_union(trio["BASE"], rows, [(bare, rows + 9), (trio["B"], rows + 3)])
+    assert len(union.vocab) == rows + 3 and [e["content"] for e in union.appended] == ["<|a1|>", "<|b1|>", "<|b2|>"]
+    with pytest.raises(MergerError, match="needs a tokenizer.json"):
+        build_union(bare, rows, [(trio["B"], rows + 3)])

@@ -41,9 +41,12 @@ def _read(folder: Path) -> tuple[dict[str, int], list[dict]]:
 
 
 def build_union(base: Path, base_rows: int, others: Sequence[tuple[Path, int]]) -> UnionTokenizer:
-    """The union vocabulary of `base` (first) and `others`, each given with its model's vocab_size."""
+    """The union vocabulary of `base` (first) and `others`, each given with its model's vocab_size.
+
+    A model without a tokenizer.json is taken to share the base's tokenizer, as mergekit does.
+    """
     out: dict[str, int] = {}
-    tokenizers = [(base, base_rows)] + [o for o in others if o[0] != base]
+    tokenizers = [(base, base_rows)] + [o for o in others if o[0] != base and (o[0] / TOKENIZER_JSON).is_file()]
     read = [(_read(folder), rows) for folder, rows in tokenizers]
     (base_vocab, base_added), _ = read[0]
     for tok, i in sorted({**base_vocab, **{a["content"]: a["id"] for a in base_added}}.items(), key=lambda kv: kv[1]):
