@@ -9,7 +9,7 @@ a legacy Phi-2 layout, a vocab of 32000 vs 32002, a tensor missing in one model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -431,8 +431,8 @@ def _parameter_problems(recipe: Recipe, models: Mapping[ModelRef, ModelInfo]) ->
     after the download. One problem per parameter or clash, naming the first tensor it hits."""
     from .engine import output_parameters, plan_merge
 
-    try:
-        plan = plan_merge(recipe, models)
+    try:  # without the tokenizer setting: embedding rows do not change which values a tensor gets
+        plan = plan_merge(replace(recipe, tokenizer_source=None), models)
     except MergerError:
         return []  # the same cause is reported by the structure checks
     found: dict[str, Problem] = {}

@@ -224,3 +224,14 @@ def test_check_refuses_values_that_clash_at_some_tensor(pair) -> None:
     report = check_recipe(parse_recipe(text))
     assert any("della needs density - epsilon > 0 and density + epsilon < 1" in p.message
                for p in report.problems if p.severity == "error")
+
+
+def test_check_resolves_parameters_when_vocabularies_differ(tmp_path: Path) -> None:
+    base = make_tiny_model(tmp_path / "base", "llama", num_layers=2, header_only=True)
+    rows = yaml.safe_load((base / "config.json").read_text())["vocab_size"]
+    padded = make_tiny_model(tmp_path / "padded", "llama", num_layers=2, seed=1, vocab=rows + 8, header_only=True)
+    text = f"merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {padded}}}]\n" \
+           "tokenizer_source: base\nparameters:\n  t: {filter: mlp, value: 0.5}\n"
+    report = check_recipe(parse_recipe(text))
+    assert any("parameter 't' has no value for tensor model.embed_tokens.weight" in p.message
+               for p in report.problems if p.severity == "error")
