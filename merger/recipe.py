@@ -435,6 +435,10 @@ def _parse(text: str, allow_local: bool, base_dir: str | Path | None, warnings: 
     if has_models:
         if not isinstance(data["models"], list) or not data["models"]:
             raise RecipeError("'models:' must be a non-empty list of entries like '- model: org/name'")
+        named = {repr(e.get("model") if isinstance(e, dict) else e) for e in data["models"]}
+        if len(named) > MAX_MODELS:  # before checking each entry: a huge list is refused in milliseconds
+            raise RecipeError(f"the recipe names {len(named)} different models; at most {MAX_MODELS} can be "
+                              "merged in one recipe")
         for i, entry in enumerate(data["models"]):
             where = f"models[{i}]"
             if isinstance(entry, str):
