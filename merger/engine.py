@@ -407,6 +407,8 @@ class MergeRunner:
             stored = [DTYPE_BYTES[s.ref.dtype] for s in (out.sources if out.merge else out.sources[:1])]
             cost = element_cost(method, stored, DTYPE_BYTES[out.dtype], self.cuda)
             elements = cost.block_elements(self.budget, self.cuda)
+            if out.vocab is not None and out.vocab.pad:
+                elements = None  # padding rows are each input's mean row over the whole vocabulary
             self._spans[index] = Layout(out.shape).spans(elements, method is not None and method.whole_rows)
         return self._spans[index]
 
@@ -556,6 +558,8 @@ class MergeRunner:
             copied = self._side.record_event()
             torch.cuda.current_stream(self.device).wait_event(copied)
             self._raw_in_use = copied
+        if out.vocab is not None:
+            _complete_vocab(staged if out.merge else staged[:1], out.vocab, self.spans(index)[i].rows)
         return staged
 
     def _staging(self, set_index: int, j: int, shape: torch.Size, dtype: torch.dtype,
@@ -601,19 +605,42 @@ class MergeRunner:
 def _row_runs(out: PlannedOutput, j: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
     """Where input j's rows [r0, r1) of output `out` come from: runs (source position, first, stop) of
     consecutive stored rows. Without a vocabulary map that is one run of the input's own rows; with
-    one, output row r is input row index[r], or the fallback input's row where input j lacks the token."""
+    one, output row r is input row index[r]. Rows of tokens the input lacks, and padding rows, are
+    filled after staging (`_complete_vocab`): any stored row holds their place, the next one when it
+    continues the run."""
     if out.vocab is None:
         return [(j, r0, r1)]
-    index = out.vocab.index[j][r0:r1].tolist()
-    fallback = out.vocab.index[out.vocab.fallback][r0:r1].tolist()
+    index = out.vocab.index[j]
+    stored_rows = out.sources[j].ref.shape[0]
     runs: list[tuple[int, int, int]] = []
-    for row, fb in zip(index, fallback):
-        k, stored = (j, row) if row >= 0 else (out.vocab.fallback, max(fb, 0))
-        if runs and runs[-1][0] == k and runs[-1][2] == stored:
-            runs[-1] = (k, runs[-1][1], stored + 1)
+    for r in range(r0, r1):
+        row = int(index[r]) if r < len(index) else -1
+        if row < 0:  # a placeholder
+            row = runs[-1][2] if runs and runs[-1][2] < stored_rows else 0
+        if runs and runs[-1][2] == row:
+            runs[-1] = (j, runs[-1][1], row + 1)
         else:
-            runs.append((k, stored, stored + 1))
+            runs.append((j, row, row + 1))
     return runs
+
+
+def _complete_vocab(tensors: list[torch.Tensor], vocab: VocabMap, rows: tuple[int, int]) -> None:
+    """Fill, in place, the rows [rows) of each input's block that it has no token for: the mean of the
+    donors' rows (summed in input order, then divided, as mergekit 0.1.5 does), and the padding rows
+    past the vocabulary (pad_to_multiple_of): each input's mean row, as mergekit (after
+    https://nlp.stanford.edu/~johnhew/vocab-expansion.html). Padding needs the whole tensor as one block."""
+    r0, r1 = rows
+    n_vocab = len(vocab.index[0])
+    device = tensors[0].device
+    stop = min(r1, n_vocab)
+    if stop > r0:
+        missing = [(i[r0:stop] < 0).to(device) for i in vocab.index[:len(tensors)]]
+        if any(bool(m.any()) for m in missing):
+            _fill_missing([t[:stop - r0] for t in tensors], missing, vocab.donors[:len(tensors), r0:stop].to(device))
+    if r1 > n_vocab:
+        assert r0 == 0, "padding rows are filled only when the whole tensor is one block"
+        for t in tensors:
+            t[n_vocab:r1] = t[:n_vocab].mean(dim=0, keepdim=True)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> None:
