@@ -169,6 +169,8 @@ def _table(report: CheckReport) -> list[str]:
 def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> Inspector:
     """Local folders through their headers, Hub repos through header-only Hub reads."""
     def inspect(ref: ModelRef) -> Inspection:
+        if ref.lora is not None:
+            return _with_adapter(ref, inspect(ref.model), token)
         if ref.local:
             info = arch.inspect_local(ref.repo, ref=ref, allow_bin=allow_bin, check_size=False)
             return Inspection(info, "local", local_license(ref.repo))
@@ -177,6 +179,26 @@ def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> I
         config, headers, access, license_ = fetch_model_metadata(ref, token)
         return Inspection(arch.model_info_from(config, headers, ref), access, license_)
     return inspect
+
+
+def _with_adapter(ref: ModelRef, found: Inspection, token: str | None) -> Inspection:
+    """A `model+lora` reference: the model as inspected, once its adapter (config and header only) is
+    known to fit it; ModelError otherwise."""
+    from .lora import adapter_problems, load_local_adapter, read_adapter, stored_shapes
+
+    assert ref.lora is not None
+    if ref.lora.local:
+        adapter = load_local_adapter(ref.lora.repo, ref.lora.display_name)
+    else:
+        from .hub import adapter_metadata
+
+        config, headers = adapter_metadata(ref.lora, token)
+        adapter = read_adapter(config, headers, str(ref.lora))
+    problems = adapter_problems(adapter, stored_shapes(found.info.tensors))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MergerError(problems[0] + more)
+    return replace(found, info=replace(found.info, ref=ref))
 
 
 # ---------------------------------------------------------------- the check

@@ -135,7 +135,7 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                                     vocab_size=plan.vocab_size, dtype=plan.out_dtype,
                                     tie_word_embeddings=plan.tie_word_embeddings, layer_sources=plan.layer_sources)
         files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp, union)
-        readers = {ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
+        readers = {ref: _reader(ref, folders[ref], infos[ref], allow_bin) for ref in infos}
         writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
                                shard_size=shard_size, metadata={"mergekit_method": recipe.method})
         sinks = extra_sinks(tmp, plan, config) if extra_sinks is not None else []
@@ -169,6 +169,26 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
             r.close()
     return RunResult(out_dir.resolve(), sorted(set(files)), plan, list(plan.warnings),
                      seconds=time.monotonic() - started)
+
+
+def _reader(ref: ModelRef, folder: Path, info: arch.ModelInfo, allow_bin: bool) -> Any:
+    """The model's tensor reader; with the adapter of a `model+lora` reference applied (merger.lora)."""
+    reader = open_reader(folder, allow_bin=allow_bin)
+    if ref.lora is None:
+        return reader
+    from .lora import AdaptedReader, adapter_problems, load_local_adapter, stored_shapes
+
+    try:
+        if not ref.lora.local:
+            raise ModelError(f"{ref.lora} is a Hub adapter; fetching is needed first")
+        adapter = load_local_adapter(ref.lora.repo, ref.lora.display_name)
+        problems = adapter_problems(adapter, stored_shapes(info.tensors))
+        if problems:
+            raise ModelError(problems[0])
+    except BaseException:
+        reader.close()
+        raise
+    return AdaptedReader(reader, ref.lora.repo, adapter)
 
 
 def _union(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], folders: Mapping[ModelRef, Path]):
@@ -228,7 +248,8 @@ def resolve_local(recipe: Recipe) -> dict[ModelRef, Path]:
 FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 
 def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
-          max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False):
+          max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False,
+          strict: bool = False):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights.
 
     With `out_dir`, the disk estimate is also compared with the free space where the output and the
@@ -271,18 +292,23 @@ def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback
     progress(Event("check", 1.0, "check passed"))
 
 
-def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
-           cancel: threading.Event | None) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
-    """Local folders of every model: Hub models are pinned to a commit and downloaded (cached)."""
+def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel: threading.Event | None
+           ) -> tuple[dict[ModelRef, Path], dict[ModelRef, object], dict[ModelRef, Path]]:
+    """Local folders of every model, and of the LoRA adapters applied to them: Hub models and adapters
+    are pinned to a commit and downloaded (cached)."""
+    from . import hub
+
     folders: dict[ModelRef, Path] = {}
     parents: dict[ModelRef, object] = {}
+    adapters: dict[ModelRef, Path] = {}
     refs = recipe.referenced_models()
     for i, ref in enumerate(refs):
         _cancelled(cancel)
+        if ref.lora is not None:
+            adapters[ref] = Path(ref.lora.repo) if ref.lora.local else hub.fetch_adapter(ref.lora, token=options.token)
         if ref.local:
             folders[ref] = Path(ref.repo)
             continue
-        from . import hub
 
         def on_bytes(done: int, total: int | None, i: int = i, ref: ModelRef = ref) -> None:
             _cancelled(cancel)
@@ -292,7 +318,7 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback,
         remote, folder = hub.fetch_model(ref, token=options.token, allow_bin=options.allow_bin, progress=on_bytes)
         folders[ref], parents[ref] = folder, remote
     progress(Event("download", 1.0, "all models are available locally"))
-    return folders, parents
+    return folders, parents, adapters
 
 
 def _lineage(recipe: Recipe, output_name: str, options: RunOptions) -> Any:
@@ -338,8 +364,10 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         check_write_access(options.push, token=options.token)
     if not options.skip_check:
         _check_or_raise(recipe, options, report)
-    folders, remotes = _fetch(recipe, options, report, cancel)
-    local = {ref: ModelRef(str(folder), None, True) for ref, folder in folders.items()}
+    folders, remotes, adapters = _fetch(recipe, options, report, cancel)
+    local = {ref: ModelRef(str(folder), None, True,
+                           ModelRef(str(adapters[ref]), None, True) if ref in adapters else None)
+             for ref, folder in folders.items()}
     local_recipe = dataclasses.replace(recipe.with_models(local), text=published.text)
     local_folders = {local[ref]: folder for ref, folder in folders.items()}
 

@@ -50,18 +50,27 @@ Scalar = bool | int | float | str
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model named in a recipe: a Hub repo (optionally at a revision) or a local folder."""
+    """A model named in a recipe: a Hub repo (optionally at a revision) or a local folder, optionally
+    with a LoRA adapter applied to it (mergekit's `model+adapter`; repo/revision/local are the model's)."""
 
     repo: str
     revision: str | None = None
     local: bool = False
+    lora: "ModelRef | None" = None
 
     def __str__(self) -> str:
-        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+        text = f"{self.repo}@{self.revision}" if self.revision else self.repo
+        return f"{text}+{self.lora}" if self.lora is not None else text
+
+    @property
+    def model(self) -> "ModelRef":
+        """The model without its adapter."""
+        return ModelRef(self.repo, self.revision, self.local) if self.lora is not None else self
 
     @property
     def display_name(self) -> str:
-        return Path(self.repo).name if self.local else self.repo
+        name = Path(self.repo).name if self.local else self.repo
+        return f"{name}+{self.lora.display_name}" if self.lora is not None else name
 
 
 @dataclass(frozen=True)
@@ -251,18 +260,26 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path | None = None) -> ModelRef:
-    """`org/name`, `org/name@revision` or a local folder (refused when allow_local is False)."""
+def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path | None = None,
+                    adapter: bool = False) -> ModelRef:
+    """`org/name`, `org/name@revision` or a local folder (refused when allow_local is False), each
+    optionally followed by `+adapter` (a LoRA adapter repo or folder, mergekit's syntax)."""
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where} must be a Hub repo ID like 'org/name' or a local folder, not {compat.kind(value)}")
     text = value.strip()
-    if "+" in text and not os.path.exists(text):
-        raise RecipeError(f"{where}: '{_short(text)}' uses mergekit's model+LoRA syntax, which is not supported; "
-                          "merge the adapter into its model first")
+    if "+" in text and not adapter and not os.path.exists(text):
+        model, *loras = text.split("+")
+        if len(loras) != 1 or not model.strip() or not loras[0].strip():
+            raise RecipeError(f"{where}: '{_short(text)}' is not 'model+adapter' (mergekit's syntax for a LoRA "
+                              "adapter applied to a model: one '+' between the two)")
+        base = parse_model_ref(model, where, allow_local=allow_local, base_dir=base_dir)
+        lora = parse_model_ref(loras[0], f"{where} (its LoRA adapter)", allow_local=allow_local, base_dir=base_dir,
+                               adapter=True)
+        return ModelRef(base.repo, base.revision, base.local, lora)
     looks_local = text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text or _WINDOWS_DRIVE.match(text)
     if not looks_local and allow_local:
         candidate = (base_dir / text) if base_dir and not os.path.isabs(text) else Path(text)
-        looks_local = candidate.is_dir() and (candidate / "config.json").exists()
+        looks_local = candidate.is_dir() and (candidate / ("adapter_config.json" if adapter else "config.json")).exists()
     if looks_local:
         if not allow_local:
             raise RecipeError(f"{where}: local paths are not allowed here ('{_short(text)}'); "

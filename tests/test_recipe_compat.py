@@ -169,9 +169,9 @@ def test_mapping_model_reference_with_a_revision() -> None:
     recipe = parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels:\n"
                           "  - model: {model: {path: org/a, revision: v1.0}}\n  - model: org/b@abc123\n")
     assert [m.model for m in recipe.models] == [ModelRef("org/a", "v1.0"), ModelRef("org/b", "abc123")]
-    with pytest.raises(RecipeError, match="LoRA"):
-        parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels:\n"
-                     "  - model: {model: org/a, lora: org/adapter}\n")
+    recipe = parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels:\n"
+                          "  - model: {model: {path: org/a, revision: v1}, lora: {path: org/adapter, revision: r2}}\n")
+    assert recipe.models[0].model == ModelRef("org/a", "v1", False, ModelRef("org/adapter", "r2"))
     with pytest.raises(RecipeError, match="override_architecture is not supported"):
         parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels:\n"
                      "  - model: {model: org/a, override_architecture: MistralForCausalLM}\n")

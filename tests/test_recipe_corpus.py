@@ -40,7 +40,6 @@ from mergekit.plan import MergePlanner  # noqa: E402
 CORPUS = sorted((Path(__file__).parent / "recipes").glob("*.yml"))
 NOT_YET = {  # what mergekit accepts and we refuse for now, and the refusal's words
     "moe": "mergekit-moe configuration",
-    "lora": "model+LoRA syntax, which is not supported",
 }
 KNOWN_DIFFERENCES = {  # where we knowingly differ from mergekit 0.1.5, and why
     "capybara-tess-yi-34b-200k": "mergekit compares local paths as strings, so its base '//home/alpha/x' is a "
