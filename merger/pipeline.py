@@ -351,7 +351,8 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
         from .moe.card import build_moe_card as build_card
 
     report = progress or (lambda event: None)
-    if not options.allow_local and any(ref.local for ref in recipe.referenced_models()):
+    if not options.allow_local and any(ref.local or (ref.lora is not None and ref.lora.local)
+                                       for ref in recipe.referenced_models()):
         raise ModelError("local model folders are not allowed here; name models by their Hub repo ID")
     outtype, quants = _split_gguf_types(options.gguf)
     ensure_output_free(options.out_dir, overwrite=options.overwrite)

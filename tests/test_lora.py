@@ -187,3 +187,12 @@ def test_an_adapter_that_does_not_fit_stops_the_merge_with_one_line(lora_family,
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     assert adapter_problems(load_local_adapter(lora_family["plain"], "p"),
                             {"model.layers.0.self_attn.q_proj.weight": (64, 64)})  # others are missing
+
+
+def test_a_local_adapter_is_refused_where_local_folders_are(lora_family, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="local paths are not allowed"):
+        parse_recipe(f"models:\n  - model: org/base+{lora_family['plain']}\nmerge_method: passthrough\n",
+                     allow_local=False)
+    recipe = parse_recipe(f"models:\n  - model: org/base+{lora_family['plain']}\nmerge_method: passthrough\n")
+    with pytest.raises(ModelError, match="local model folders are not allowed"):
+        run(recipe, RunOptions(tmp_path / "out", allow_local=False, evaluate=False, lineage=False))
