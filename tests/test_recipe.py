@@ -75,7 +75,7 @@ def test_local_folders_resolve_relative_to_the_recipe(tmp_path: Path, llama_fami
     ("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, 2]}, {model: c/d, layer_range: [0, 3]}]}]",
      "same number of layers"),
     ("merge_method: linear\nmodels: [{model: 'not a repo!'}]", "is not a Hub repo ID"),
-    ("merge_method: linear\nmodels: [{model: a/b+lora/x}]", "LoRA"),
+    ("merge_method: linear\nmodels: [{model: a/b+lora/x+lora/y}]", "one .\\+. between the two"),
     ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\nchat_template: chatlm", "did you mean 'chatml'"),
     ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\nchat_template: chatml", None),
     ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\nchat_template: '{{ messages }}'", None),
