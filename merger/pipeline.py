@@ -257,10 +257,14 @@ def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (
     from .check import check_recipe
     from .moe import is_moe
 
-    if is_moe(recipe):
-        from .moe.check import check_moe as check_recipe
-    report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
-                          max_memory=max_memory, strict=strict)
+    if is_moe(recipe):  # mergekit-moe config (its check has no --strict yet)
+        from .moe.check import check_moe
+
+        report = check_moe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
+                           max_memory=max_memory)
+    else:
+        report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
+                              max_memory=max_memory, strict=strict)
     if out_dir is not None and report.estimates is not None:
         from .disk import disk_problem
         from .hub import cached_bytes, hub_cache_dir

@@ -179,7 +179,8 @@ def test_mapping_model_reference_with_a_revision() -> None:
 
 @pytest.mark.parametrize("text,message", [
     ("genome:\n  models: [a/b, c/d]\n  merge_method: ties\ntasks:\n  - name: arc\n", "mergekit-evolve configuration"),
-    ("base_model: a/b\ngate_mode: hidden\nexperts:\n  - source_model: c/d\n", "mergekit-moe configuration"),
+    ("merge_method: linear\nmodels: [a/b]\ngate_mode: hidden\nexperts:\n  - source_model: c/d\n",
+     "mixes a mergekit-moe configuration"),
     ("merge_method: linear\nmodels: [a/b]\n---\nmerge_method: slerp\n", "several YAML documents"),
     ("merge_method: frankenmoe_glue\nmodels: [a/b]\n", "mergekit 0.1.5's methods, all supported here, are: arcee_fusion"),
     ("merge_method: della_ties\nmodels: [a/b]\n", "did you mean 'dare_ties'.*methods of mergekit forks are not"),
