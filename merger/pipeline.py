@@ -257,11 +257,11 @@ def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (
     from .check import check_recipe
     from .moe import is_moe
 
-    if is_moe(recipe):  # mergekit-moe config (its check has no --strict yet)
+    if is_moe(recipe):  # mergekit-moe config
         from .moe.check import check_moe
 
         report = check_moe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
-                           max_memory=max_memory)
+                           max_memory=max_memory, strict=strict)
     else:
         report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
                               max_memory=max_memory, strict=strict)
