@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="working memory for the merge, e.g. 2GB or 500MB: tensors are merged in blocks that "
                         "fit, with the same result (default: half the available RAM, or 80%% of the GPU's free "
                         "memory); the check's RAM/VRAM estimates use it")
+        sp.add_argument("--strict", action="store_true",
+                        help="treat the recipe's warnings (keys mergekit ignores, e.g. a misspelt 'nomalize') "
+                             "as errors")
 
     c = sub.add_parser("check", help="validate a recipe and its models without downloading weights",
                        description="Validate a recipe and its models from config.json, tokenizer configs and "
@@ -184,14 +187,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     recipe = _read_recipe(args.recipe)
     budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
     report = check(recipe, token=args.token, gguf=_gguf_types(args.gguf), allow_bin=args.allow_bin,
-                   max_memory=budget)
+                   max_memory=budget, strict=args.strict)
     plan = None
     if args.job and report.ok:
         from .compute.jobs import plan_job
         from .pipeline import RunOptions
 
         plan = plan_job(recipe, RunOptions(out_dir=Path("."), token=args.token, gguf=_gguf_types(args.gguf),
-                                           allow_bin=args.allow_bin, max_memory=budget),
+                                           allow_bin=args.allow_bin, max_memory=budget, strict=args.strict),
                         flavor=args.flavor, report=report)
     if args.json:
         data = report.as_dict()
@@ -266,11 +269,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MergerError("--flavor and --job-image are for --job")
     if args.job and args.stream:
         raise MergerError("--stream is for a run here: a Hugging Face Job mounts its parents read-only instead")
+    if not args.strict:
+        for w in recipe.warnings:
+            print(f"warning: {w}", file=sys.stderr)
     options = RunOptions(out_dir=Path(args.out_dir or "."), device=args.device, seed=args.seed,
                          shard_size=parse_size(args.shard_size), allow_bin=args.allow_bin,
                          overwrite=args.overwrite, token=args.token, gguf=_gguf_types(args.gguf),
                          push=args.push, private=args.private, gguf_repo=args.gguf_repo,
                          overwrite_repo=args.overwrite_repo, skip_check=args.no_check, stream=args.stream,
+                         strict=args.strict,
                          allow_local_paths=args.allow_local_paths,
                          max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
                          allow_local=not os.environ.get("SPACE_ID"), evaluate=not args.no_eval,

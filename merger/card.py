@@ -64,6 +64,12 @@ METHOD_SENTENCES: dict[str, str] = {
                 "(within t)",
     "passthrough": "copies tensors unchanged; with slices it stacks layer ranges of several models into one "
                    "deeper model",
+    "arcee_fusion": "keeps the base model's parameters except where the fine-tune's change is an outlier in "
+                    "importance (change times the divergence of the row's softmax), which it takes over",
+    "ram": "keeps each model's changes where it alone changed a parameter and averages the changes where "
+           "several did (Reinforced Agent Merging)",
+    "ramplus_tl": "merges as RAM does and boosts each model's unique changes by how much of its change the "
+                  "others share, tensor by tensor (RAM+)",
 }
 
 # Licence families from least to most restrictive for someone publishing a derivative.

@@ -9,7 +9,7 @@ a legacy Phi-2 layout, a vocab of 32000 vs 32002, a tensor missing in one model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -170,6 +170,8 @@ def _table(report: CheckReport) -> list[str]:
 def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> Inspector:
     """Local folders through their headers, Hub repos through header-only Hub reads."""
     def inspect(ref: ModelRef) -> Inspection:
+        if ref.lora is not None:
+            return _with_adapter(ref, inspect(ref.model), token)
         if ref.local:
             info = arch.inspect_local(ref.repo, ref=ref, allow_bin=allow_bin, check_size=False)
             return Inspection(info, "local", local_license(ref.repo))
@@ -180,15 +182,38 @@ def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> I
     return inspect
 
 
+def _with_adapter(ref: ModelRef, found: Inspection, token: str | None) -> Inspection:
+    """A `model+lora` reference: the model as inspected, once its adapter (config and header only) is
+    known to fit it; ModelError otherwise."""
+    from .lora import adapter_problems, load_local_adapter, read_adapter, stored_shapes
+
+    assert ref.lora is not None
+    if ref.lora.local:
+        adapter = load_local_adapter(ref.lora.repo, ref.lora.display_name)
+    else:
+        from .hub import adapter_metadata
+
+        config, headers = adapter_metadata(ref.lora, token)
+        adapter = read_adapter(config, headers, str(ref.lora))
+    problems = adapter_problems(adapter, stored_shapes(found.info.tensors))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MergerError(problems[0] + more)
+    return replace(found, info=replace(found.info, ref=ref))
+
+
 # ---------------------------------------------------------------- the check
 
 def check_recipe(recipe: Recipe, *, inspect: Inspector | None = None, token: str | None = None,
                  gguf_types: Iterable[str] | None = None, allow_bin: bool = False,
-                 max_memory: int | None = None) -> CheckReport:
+                 max_memory: int | None = None, strict: bool = False) -> CheckReport:
     """Every problem of this recipe with these models, found from metadata alone; memory estimates at
-    the budget `max_memory` (default: this machine's, see merger.budget)."""
+    the budget `max_memory` (default: this machine's, see merger.budget).
+
+    The recipe's warnings (keys mergekit ignores) come first; `strict` makes them errors.
+    """
     inspect = inspect or default_inspector(token=token, allow_bin=allow_bin)
-    problems: list[Problem] = []
+    problems: list[Problem] = [Problem(ERROR if strict else WARNING, w) for w in recipe.warnings]
     gguf = tuple(t.upper() for t in gguf_types or ())
     groups = _groups(recipe)
     problems += _method_problems(recipe, groups)
@@ -209,6 +234,8 @@ def check_recipe(recipe: Recipe, *, inspect: Inspector | None = None, token: str
     if not any(p.severity == ERROR and "cannot be merged with" in p.message for p in problems):
         problems += _structure_problems(recipe, groups, models)
     problems += _tokenizer_problems(recipe, groups, models)
+    if not any(p.severity == ERROR for p in problems):
+        problems += _parameter_problems(recipe, models)
     conflict = license_conflict([ParentInfo(str(ref), None, lic) for ref, lic in licenses.items() if lic])
     if conflict:
         problems.append(Problem(WARNING, conflict, "check that the licences allow merging and redistribution; "
@@ -408,15 +435,43 @@ def _tokenizer_problems(recipe: Recipe, groups: list[tuple[list[InputModel], Mod
         detail = ", ".join(f"{ref}: {n}" for ref, n in rows.items())
         common = min(rows.values())
         if source is None:
-            out.append(Problem(WARNING, f"vocab sizes differ ({detail}); without a tokenizer_source the embeddings and "
-                                        f"head keep the first {common} rows, common to all models (as mergekit "
-                                        "does), so tokens past them are dropped",
-                               "set 'tokenizer_source: base' or a model's name to rebuild the embeddings for that "
-                               "model's tokenizer (tokens it shares with the others are merged, its own are kept)"))
+            keep = recipe.base_model or max(rows, key=rows.get)
+            out.append(Problem(ERROR, f"vocab sizes differ ({detail}) and the recipe has no tokenizer setting; "
+                                      "mergekit 0.1.5 refuses this too (cropping to the "
+                                      f"{common} rows common to all would silently drop tokens)",
+                               f"add 'tokenizer_source: {'base' if recipe.base_model else keep}' to keep the "
+                               f"tokenizer of {keep}: the embeddings are rebuilt for it, rows of tokens the "
+                               "models share are merged and its own tokens keep their embedding"))
         else:
-            out.append(Problem(NOTE, f"vocab sizes differ ({detail}); the embeddings are rebuilt for the tokenizer "
-                                     f"of {source}"))
+            target = "the union of the models' tokenizers" if source == "union" else f"the tokenizer of {source}"
+            out.append(Problem(NOTE, f"vocab sizes differ ({detail}); the embeddings are rebuilt for {target}"))
     return out
+
+
+def _parameter_problems(recipe: Recipe, models: Mapping[ModelRef, ModelInfo]) -> list[Problem]:
+    """Resolve every parameter of every planned tensor now, as the merge will: a required value that
+    only filters give (`t: [{filter: self_attn, value: 0.5}]`) or values that clash fail here, not
+    after the download. One problem per parameter or clash, naming the first tensor it hits."""
+    from .engine import output_parameters, plan_merge
+
+    try:  # without the tokenizer setting: embedding rows do not change which values a tensor gets
+        plan = plan_merge(replace(recipe, tokenizer_source=None), models)
+    except MergerError:
+        return []  # the same cause is reported by the structure checks
+    found: dict[str, Problem] = {}
+    for out in plan.outputs:
+        try:
+            shared, per_model = output_parameters(plan.method, recipe, out)
+        except MergerError as e:
+            key = str(e).split(" has no value")[0]
+            found.setdefault(key, Problem(ERROR, str(e)))
+            continue
+        for i, values in enumerate(per_model):
+            clash = plan.method.check_values({**shared, **values}) if i != out.base_index else None
+            if clash:
+                found.setdefault(clash, Problem(ERROR, f"{clash} (tensor {out.name} of {out.sources[i].model})",
+                                                "adjust the recipe's parameters"))
+    return list(found.values())
 
 
 def _gguf_problems(info: ModelInfo) -> list[Problem]:

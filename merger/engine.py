@@ -52,10 +52,13 @@ class SourceTensor:
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Row gather for a vocab-sized tensor: out row r <- input row index[r], or fallback when -1."""
+    """Row gather for a vocab-sized tensor: out row r <- input row index[r]; where an input lacks the
+    token (-1), the mean of the rows of the inputs marked in donors[:, r] (mergekit's rule: the one
+    model that has it, else the base, else all that have it; none: zeros)."""
 
     index: tuple[torch.Tensor, ...]
-    fallback: int  # input position whose rows fill tokens another model lacks
+    donors: torch.Tensor  # bool [inputs, rows]
+    pad: int = 0  # rows appended past the vocabulary (pad_to_multiple_of): each input's mean row
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,13 @@ def _head_fallback(info: arch.ModelInfo, name: str) -> arch.TensorRef | None:
 
 
 def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
-               vocabs: Mapping[ModelRef, Mapping[str, int]] | None = None) -> MergePlan:
-    """Every output tensor with its inputs and parameter scopes, from metadata alone."""
+               vocabs: Mapping[ModelRef, Mapping[str, int]] | None = None,
+               union_vocab: Mapping[str, int] | None = None) -> MergePlan:
+    """Every output tensor with its inputs and parameter scopes, from metadata alone.
+
+    `vocabs` (token -> id per model) align embeddings to the tokenizer source's vocabulary, or to
+    `union_vocab` for `tokenizer_source: union` (merger.tokenizer.build_union).
+    """
     method = get_method(recipe.method)
     groups = _group_inputs(recipe, infos)
     first_slice, first_base = groups[0]
@@ -176,7 +184,8 @@ def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
                 raise ModelError(f"tensor {name} has different shapes ({detail}); these models have "
                                  "different architectures or sizes and cannot be merged")
         if embedding and (len(shapes) > 1 or vocabs):
-            shape, rows, vocab = _vocab_plan(recipe, name, sources, base, reference, infos, vocabs, warnings)
+            shape, rows, vocab = _vocab_plan(recipe, name, sources, base, reference, infos, vocabs, warnings,
+                                             union_vocab)
         base_index = next((i for i, x in enumerate(sources) if x.model == base), None) if base else None
         stored = sources[0].ref.dtype
         dtype = out_dtype if stored in FLOAT_DTYPES else stored
@@ -215,6 +224,22 @@ def plan_merge(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], *,
                      warnings)
 
 
+def output_parameters(method: Method, recipe: Recipe, out: PlannedOutput) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The shared values and each input's values for one output tensor, by mergekit's precedence
+    (the input's own, the slice's, the top level's, the default). RecipeError names a required
+    parameter that no scope gives a value for this tensor (e.g. only under filters it does not match).
+    """
+    shared = {p.name: resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
+              for p in method.params if not p.per_model}
+    per_model = []
+    for j, src in enumerate(out.sources):
+        own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
+        per_model.append({p.name: resolve_parameter(p, (*own, out.slice_params, recipe.params),
+                                                    src.ref.source_name, out.t)
+                          for p in method.params if p.per_model and not (p.non_base and j == out.base_index)})
+    return shared, per_model
+
+
 def _has_scale(s: Slice, recipe: Recipe) -> bool:
     return any("scale" in (src.params or {}) for src in s.sources) or "scale" in (s.params or {}) \
         or "scale" in (recipe.params or {})
@@ -230,7 +255,8 @@ def _native_dtype(info: arch.ModelInfo) -> str:
 def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: ModelRef | None,
                 reference: ModelRef, infos: Mapping[ModelRef, arch.ModelInfo],
                 vocabs: Mapping[ModelRef, Mapping[str, int]] | None,
-                warnings: list[str]) -> tuple[tuple[int, ...], int | None, VocabMap | None]:
+                warnings: list[str], union_vocab: Mapping[str, int] | None = None,
+                ) -> tuple[tuple[int, ...], int | None, VocabMap | None]:
     """Embedding rows when vocabularies differ: a common top-left block, or a tokenizer's vocabulary."""
     shapes = [x.ref.shape for x in sources]
     source = recipe.tokenizer_source
@@ -242,23 +268,41 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
             if msg not in warnings:
                 warnings.append(msg)
         return (rows, *shapes[0][1:]), rows, None
-    src_model = base if source == "base" else source
+    src_model = (base or reference) if source in ("base", "union") else source
     if vocabs is None or src_model not in vocabs:
         raise ModelError(f"tokenizer_source {source} needs a tokenizer.json in {src_model}; it has none")
-    out_vocab = vocabs[src_model]
-    out_rows = infos[src_model].tensors.get(name, sources[0].ref).shape[0]
-    fallback = next((i for i, x in enumerate(sources) if x.model == src_model), None)
-    if fallback is None:
+    if all(x.model != src_model for x in sources) and source != "union":
         raise ModelError(f"tokenizer_source {source} must be one of the merged models")
-    by_id = {i: tok for tok, i in out_vocab.items()}
+    if source == "union" and union_vocab is None:
+        raise ModelError("tokenizer_source: union needs the union vocabulary (merger.tokenizer.build_union)")
+    out_vocab = dict(union_vocab) if source == "union" else _usable_vocab(vocabs[src_model], infos[src_model])
+    out_rows = len(out_vocab)  # as mergekit: one row per token, padding rows past the tokenizer dropped
+    if any(i >= out_rows for i in out_vocab.values()):
+        raise ModelError(f"the tokenizer of {src_model} has gaps in its token ids; it cannot define the "
+                         "output vocabulary")
+    tokens = sorted(out_vocab, key=out_vocab.get)
     index = []
     for x in sources:
-        vocab = vocabs.get(x.model, {})
+        vocab = _usable_vocab(vocabs.get(x.model) or vocabs[src_model], infos[x.model])
         rows = x.ref.shape[0]
-        ids = [vocab.get(by_id.get(r, ""), -1) if r in by_id else (r if x.model == src_model else -1)
-               for r in range(out_rows)]
-        index.append(torch.tensor([i if 0 <= i < rows else -1 for i in ids], dtype=torch.long))
-    return (out_rows, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), fallback)
+        index.append(torch.tensor([i if 0 <= (i := vocab.get(tok, -1)) < rows else -1 for tok in tokens],
+                                  dtype=torch.long))
+    present = torch.stack(index) >= 0
+    donors = present.clone()
+    base_at = next((k for k, x in enumerate(sources) if x.model == base), None)
+    if base_at is not None:  # a token the base has and another model lacks takes the base's row
+        shared = (present.sum(0) > 1) & present[base_at]
+        donors[:, shared] = False
+        donors[base_at, shared] = True
+    multiple = recipe.pad_to_multiple_of
+    pad = (-out_rows) % multiple if multiple else 0
+    return (out_rows + pad, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors, pad)
+
+
+def _usable_vocab(vocab: Mapping[str, int], info: arch.ModelInfo) -> dict[str, int]:
+    """The tokens of a tokenizer that have a row in the model (mergekit strips ids >= vocab_size)."""
+    limit = info.vocab_size if info.vocab_size is not None else len(vocab)
+    return {tok: i for tok, i in vocab.items() if i < limit}
 
 
 # ---------------------------------------------------------------- running
@@ -363,6 +407,8 @@ class MergeRunner:
             stored = [DTYPE_BYTES[s.ref.dtype] for s in (out.sources if out.merge else out.sources[:1])]
             cost = element_cost(method, stored, DTYPE_BYTES[out.dtype], self.cuda)
             elements = cost.block_elements(self.budget, self.cuda)
+            if out.vocab is not None and out.vocab.pad:
+                elements = None  # padding rows are each input's mean row over the whole vocabulary
             self._spans[index] = Layout(out.shape).spans(elements, method is not None and method.whole_rows)
         return self._spans[index]
 
@@ -411,7 +457,7 @@ class MergeRunner:
             job.emit(lambda block: block.tensors[0])
             return
         method = self.plan.method
-        shared, per_model = self._parameters(out)
+        shared, per_model = output_parameters(method, self.plan.recipe, out)
         generator = None
         if method.randomized:
             generator = torch.Generator(device="cpu")
@@ -429,25 +475,6 @@ class MergeRunner:
         if whole is not None:
             for sink in sinks:
                 sink(name, whole)
-
-    def _parameters(self, out: PlannedOutput) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The method's shared values and each input's own, resolved for this tensor."""
-        method = self.plan.method
-        recipe = self.plan.recipe
-        shared, per_model = {}, []
-        for p in method.params:
-            if not p.per_model:
-                shared[p.name] = resolve_parameter(p, (out.slice_params, recipe.params), out.name, out.t)
-        for j, src in enumerate(out.sources):
-            values = {}
-            src_name = src.ref.source_name
-            own = [out.input_params[k] for k, s in enumerate(out.sources) if s.model == src.model]
-            for p in method.params:
-                if not p.per_model or (p.non_base and j == out.base_index):
-                    continue
-                values[p.name] = resolve_parameter(p, (*own, out.slice_params, recipe.params), src_name, out.t)
-            per_model.append(values)
-        return shared, per_model
 
     # ---------------------------------------------------------------- reading and staging
 
@@ -531,6 +558,8 @@ class MergeRunner:
             copied = self._side.record_event()
             torch.cuda.current_stream(self.device).wait_event(copied)
             self._raw_in_use = copied
+        if out.vocab is not None:
+            _complete_vocab(staged if out.merge else staged[:1], out.vocab, self.spans(index)[i].rows)
         return staged
 
     def _staging(self, set_index: int, j: int, shape: torch.Size, dtype: torch.dtype,
@@ -576,19 +605,42 @@ class MergeRunner:
 def _row_runs(out: PlannedOutput, j: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
     """Where input j's rows [r0, r1) of output `out` come from: runs (source position, first, stop) of
     consecutive stored rows. Without a vocabulary map that is one run of the input's own rows; with
-    one, output row r is input row index[r], or the fallback input's row where input j lacks the token."""
+    one, output row r is input row index[r]. Rows of tokens the input lacks, and padding rows, are
+    filled after staging (`_complete_vocab`): any stored row holds their place, the next one when it
+    continues the run."""
     if out.vocab is None:
         return [(j, r0, r1)]
-    index = out.vocab.index[j][r0:r1].tolist()
-    fallback = out.vocab.index[out.vocab.fallback][r0:r1].tolist()
+    index = out.vocab.index[j]
+    stored_rows = out.sources[j].ref.shape[0]
     runs: list[tuple[int, int, int]] = []
-    for row, fb in zip(index, fallback):
-        k, stored = (j, row) if row >= 0 else (out.vocab.fallback, max(fb, 0))
-        if runs and runs[-1][0] == k and runs[-1][2] == stored:
-            runs[-1] = (k, runs[-1][1], stored + 1)
+    for r in range(r0, r1):
+        row = int(index[r]) if r < len(index) else -1
+        if row < 0:  # a placeholder
+            row = runs[-1][2] if runs and runs[-1][2] < stored_rows else 0
+        if runs and runs[-1][2] == row:
+            runs[-1] = (j, runs[-1][1], row + 1)
         else:
-            runs.append((k, stored, stored + 1))
+            runs.append((j, row, row + 1))
     return runs
+
+
+def _complete_vocab(tensors: list[torch.Tensor], vocab: VocabMap, rows: tuple[int, int]) -> None:
+    """Fill, in place, the rows [rows) of each input's block that it has no token for: the mean of the
+    donors' rows (summed in input order, then divided, as mergekit 0.1.5 does), and the padding rows
+    past the vocabulary (pad_to_multiple_of): each input's mean row, as mergekit (after
+    https://nlp.stanford.edu/~johnhew/vocab-expansion.html). Padding needs the whole tensor as one block."""
+    r0, r1 = rows
+    n_vocab = len(vocab.index[0])
+    device = tensors[0].device
+    stop = min(r1, n_vocab)
+    if stop > r0:
+        missing = [(i[r0:stop] < 0).to(device) for i in vocab.index[:len(tensors)]]
+        if any(bool(m.any()) for m in missing):
+            _fill_missing([t[:stop - r0] for t in tensors], missing, vocab.donors[:len(tensors), r0:stop].to(device))
+    if r1 > n_vocab:
+        assert r0 == 0, "padding rows are filled only when the whole tensor is one block"
+        for t in tensors:
+            t[n_vocab:r1] = t[:n_vocab].mean(dim=0, keepdim=True)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -604,6 +656,20 @@ def _check_finite(name: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> No
     if not (math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit):
         raise ModelError(f"the merge produced NaN or Inf values in {name}; check the inputs for NaN/Inf weights "
                          "and the recipe's parameters (values beyond the output dtype's range become Inf)")
+
+
+def _fill_missing(out: list[torch.Tensor], missing: list[torch.Tensor], donors: torch.Tensor) -> None:
+    """Rows of tokens an input lacks: the mean of the donors' rows, in place."""
+    device = out[0].device
+    needed = torch.stack(missing).any(0)
+    donors = donors[:, needed]
+    default = torch.zeros((int(needed.sum()), *out[0].shape[1:]), dtype=out[0].dtype, device=device)
+    for k, rows in enumerate(out):
+        take = donors[k].view(-1, *([1] * (rows.dim() - 1)))
+        default += torch.where(take, rows[needed], 0)
+    default /= donors.sum(0).clamp(min=1).view(-1, *([1] * (default.dim() - 1)))
+    for rows, m in zip(out, missing):
+        rows[m] = default[m[needed]]
 
 
 __all__ = ["MergePlan", "MergeRunner", "PlannedOutput", "Progress", "plan_merge", "resolve_device",

@@ -233,6 +233,36 @@ def fetch_model(ref: ModelRef | str, *, token: str | None = None, allow_bin: boo
     return model, download(model, token=token, allow_bin=allow_bin, progress=progress)
 
 
+def _adapter_model(ref: ModelRef, token: str | None) -> RemoteModel:
+    from .lora import ADAPTER_FILES
+
+    model = resolve(ref, token=token)
+    missing = [f for f in ADAPTER_FILES if f not in model.files]
+    if missing:
+        raise ModelError(f"{ref} has no {missing[0]}; a LoRA adapter repo holds {' and '.join(ADAPTER_FILES)}, "
+                         "as PEFT saves it")
+    return model
+
+
+def adapter_metadata(ref: ModelRef, token: str | None = None) -> tuple[dict[str, Any], dict[str, TensorHeader]]:
+    """A Hub LoRA adapter's adapter_config.json and weights header, without its tensor bytes."""
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    model = _adapter_model(ref, token)
+    return _json_file(model, ADAPTER_CONFIG, token), _remote_header(model, ADAPTER_WEIGHTS, token)
+
+
+def fetch_adapter(ref: ModelRef, *, token: str | None = None) -> Path:
+    """A Hub LoRA adapter pinned to a commit and downloaded (cached): its local folder."""
+    from .lora import ADAPTER_FILES
+
+    model = _adapter_model(ref, token)
+    _check_disk(sum(model.files.get(n, 0) for n in ADAPTER_FILES), hub_cache_dir(), model.repo_id)
+    return Path(_call(lambda: snapshot_download(
+        model.repo_id, revision=model.sha, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(), token=token or False,
+        allow_patterns=list(ADAPTER_FILES)), repo_id=model.repo_id, token=token))
+
+
 def suggest_repos(repo_id: str, *, token: str | None = None, limit: int = 3) -> list[str]:
     """Existing model IDs close to a mistyped one, from the Hub's search (empty if the search fails)."""
     namespace, _, name = repo_id.rpartition("/")

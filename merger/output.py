@@ -99,12 +99,15 @@ def commit_output(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
-def copy_tokenizer(src: Path, dst: Path, chat_template: str | None) -> list[str]:
-    """Tokenizer files (and generation config) from the tokenizer source; apply a chat template override."""
+def copy_tokenizer(src: Path, dst: Path, chat_template: str | None, *, keep: bool = False) -> list[str]:
+    """Tokenizer files (and generation config) from the tokenizer source; apply a chat template override.
+
+    `keep`: the files are already in `dst` (a built tokenizer): only the chat template is applied."""
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+            if not keep:
+                shutil.copyfile(src / name, dst / name)
             copied.append(name)
     if chat_template and chat_template != "auto":
         template = CHAT_TEMPLATES.get(chat_template, chat_template)

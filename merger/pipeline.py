@@ -68,6 +68,7 @@ class RunOptions:
     # Hub models already on disk at a pinned commit (a Hugging Face Job's read-only Volumes):
     # str(ref) as the recipe writes it -> (commit sha, folder)
     mounted: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    strict: bool = False  # the recipe's warnings (keys mergekit ignores) stop the run
 
 
 @dataclass
@@ -130,10 +131,12 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
     """
     started = time.monotonic()
     infos = infos if infos is not None else inspect_models(recipe, folders, allow_bin=allow_bin)
-    vocabs = None
+    vocabs = union = None
     if recipe.tokenizer_source is not None:
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
-    plan = plan_merge(recipe, infos, vocabs=vocabs)
+    if recipe.tokenizer_source == "union":
+        union = _union(recipe, infos, folders)
+    plan = plan_merge(recipe, infos, vocabs=vocabs, union_vocab=union.vocab if union else None)
     tmp = prepare_output(out_dir, overwrite=overwrite)
     readers = {}
     sinks: list[Any] = []
@@ -141,9 +144,9 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
         config = arch.output_config(infos[plan.reference].config, num_layers=plan.num_layers,
                                     vocab_size=plan.vocab_size, dtype=plan.out_dtype,
                                     tie_word_embeddings=plan.tie_word_embeddings, layer_sources=plan.layer_sources)
-        files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp)
+        files = _write_tokenizer_and_recipe(recipe, plan, folders, tmp, union)
         readers = dict(open_readers(plan)) if open_readers is not None else {
-            ref: open_reader(folders[ref], allow_bin=allow_bin) for ref in infos}
+            ref: _reader(ref, folders[ref], infos[ref], allow_bin) for ref in infos}
         writer = ShardedWriter(tmp, [PlannedTensor(o.name, o.dtype, o.shape) for o in plan.outputs],
                                shard_size=shard_size, metadata={"mergekit_method": recipe.method},
                                on_shard=on_shard)
@@ -180,16 +183,51 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
                      seconds=time.monotonic() - started)
 
 
+def _reader(ref: ModelRef, folder: Path, info: arch.ModelInfo, allow_bin: bool) -> Any:
+    """The model's tensor reader; with the adapter of a `model+lora` reference applied (merger.lora)."""
+    reader = open_reader(folder, allow_bin=allow_bin)
+    if ref.lora is None:
+        return reader
+    from .lora import AdaptedReader, adapter_problems, load_local_adapter, stored_shapes
+
+    try:
+        if not ref.lora.local:
+            raise ModelError(f"{ref.lora} is a Hub adapter; fetching is needed first")
+        adapter = load_local_adapter(ref.lora.repo, ref.lora.display_name)
+        problems = adapter_problems(adapter, stored_shapes(info.tensors))
+        if problems:
+            raise ModelError(problems[0])
+    except BaseException:
+        reader.close()
+        raise
+    return AdaptedReader(reader, ref.lora.repo, adapter)
+
+
+def _union(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], folders: Mapping[ModelRef, Path]):
+    """The union tokenizer of every merged model, the base's (or the first model's) first."""
+    from .tokenizer import build_union
+
+    refs = recipe.referenced_models()  # base first, then in order of appearance
+    rows = {ref: infos[ref].vocab_size or infos[ref].embedding_rows or 0 for ref in refs}
+    return build_union(folders[refs[0]], rows[refs[0]], [(folders[r], rows[r]) for r in refs[1:]])
+
+
 def _write_tokenizer_and_recipe(recipe: Recipe, plan: MergePlan, folders: Mapping[ModelRef, Path],
-                                tmp: Path) -> list[str]:
+                                tmp: Path, union: Any = None) -> list[str]:
     """Generation config and tokenizer of the reference (or tokenizer_source) model, and the recipe."""
+    from .output import TOKENIZER_FILES
+    from .tokenizer import write_union_tokenizer
+
     files = []
     ref_folder = folders[plan.reference]
     if (ref_folder / "generation_config.json").is_file():
         shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
         files.append("generation_config.json")
     tok_src = recipe.tokenizer_source if isinstance(recipe.tokenizer_source, ModelRef) else plan.reference
-    files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template)
+    if union is not None:
+        tok_src = recipe.referenced_models()[0]
+        write_union_tokenizer(folders[tok_src], union, tmp, TOKENIZER_FILES)
+    files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template, keep=union is not None)
     (tmp / RECIPE_FILE).write_text(recipe.text if recipe.text.endswith("\n") else recipe.text + "\n",
                                    encoding="utf-8")
     files.append(RECIPE_FILE)
@@ -224,7 +262,8 @@ FLOAT_GGUF_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
 
 def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (), allow_bin: bool = False,
           max_memory: int | None = None, out_dir: Path | None = None, on_space: bool = False,
-          inspect: Callable[[ModelRef], Any] | None = None, stream: bool | None = False):
+          inspect: Callable[[ModelRef], Any] | None = None, stream: bool | None = False,
+          strict: bool = False):
     """The pre-flight report (merger.check.CheckReport): configs and headers only, no weights.
 
     With `out_dir`, the disk estimate is also compared with the free space where the output and the
@@ -234,10 +273,10 @@ def check(recipe: Recipe, *, token: str | None = None, gguf: tuple[str, ...] = (
     from .check import NOTE, Problem, check_recipe
     from .moe import is_moe
 
-    if is_moe(recipe):
+    if is_moe(recipe):  # mergekit-moe config
         from .moe.check import check_moe as check_recipe
     report = check_recipe(recipe, token=token, gguf_types=list(gguf) or None, allow_bin=allow_bin,
-                          max_memory=max_memory, inspect=inspect)
+                          max_memory=max_memory, inspect=inspect, strict=strict)
     hub_models = any(not ref.local for ref in recipe.referenced_models())
     report.stream = bool(stream) and hub_models
     if out_dir is not None and report.estimates is not None:
@@ -284,7 +323,7 @@ def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback
                    max_memory=options.max_memory, out_dir=options.out_dir,
                    on_space=not options.allow_local,  # Hub models only: a Space
                    inspect=pinned_inspector(pinned, token=options.token, allow_bin=options.allow_bin),
-                   stream=options.stream)
+                   stream=options.stream, strict=options.strict)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s); `python -m merger check` lists them)" if len(errors) > 1 else ""
@@ -296,16 +335,21 @@ def _check_or_raise(recipe: Recipe, options: RunOptions, progress: EventCallback
 
 
 def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel: threading.Event | None,
-           pinned: dict[ModelRef, Any], *, stream: bool) -> tuple[dict[ModelRef, Path], dict[ModelRef, object]]:
-    """Local folders of every model: Hub models at their pinned commit, downloaded (cached) or, when
-    streamed, with their configs and tokenizer only (`pinned` then gains every Hub model's metadata)."""
+           pinned: dict[ModelRef, Any], *, stream: bool
+           ) -> tuple[dict[ModelRef, Path], dict[ModelRef, object], dict[ModelRef, Path]]:
+    """Local folders of every model, and of the LoRA adapters applied to them: Hub models at their
+    pinned commit, downloaded (cached) or, when streamed, with their configs and tokenizer only (`pinned`
+    then gains every Hub model's metadata). Adapters are pinned and downloaded (they are small)."""
     from . import hub
 
     folders: dict[ModelRef, Path] = {}
     parents: dict[ModelRef, object] = {}
+    adapters: dict[ModelRef, Path] = {}
     refs = recipe.referenced_models()
     for i, ref in enumerate(refs):
         _cancelled(cancel)
+        if ref.lora is not None:
+            adapters[ref] = Path(ref.lora.repo) if ref.lora.local else hub.fetch_adapter(ref.lora, token=options.token)
         if ref.local:
             folders[ref] = Path(ref.repo)
             continue
@@ -329,7 +373,7 @@ def _fetch(recipe: Recipe, options: RunOptions, progress: EventCallback, cancel:
         parents[ref] = remote
     progress(Event("download", 1.0, "weights will be streamed from the Hub while merging" if stream and parents
                    else "all models are available locally"))
-    return folders, parents
+    return folders, parents, adapters
 
 
 def _lineage(recipe: Recipe, output_name: str, options: RunOptions) -> Any:
@@ -367,11 +411,12 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     from .moe import is_moe
 
     report = progress or (lambda event: None)
-    # a GPU window (merge_runner) reads parents from disk; a mergekit-moe config is assembled from whole tensors
-    if merge_runner is not None or is_moe(recipe):
-        options = dataclasses.replace(options, stream=False)
     refs = recipe.referenced_models()
-    if not options.allow_local and any(ref.local for ref in refs):
+    # a GPU window (merge_runner) reads parents from disk; a mergekit-moe config is assembled from whole
+    # tensors; a LoRA adapter is applied by the local reader
+    if merge_runner is not None or is_moe(recipe) or any(ref.lora is not None for ref in refs):
+        options = dataclasses.replace(options, stream=False)
+    if not options.allow_local and any(ref.local or (ref.lora is not None and ref.lora.local) for ref in refs):
         raise ModelError("local model folders are not allowed here; name models by their Hub repo ID")
     split_gguf_types(options.gguf)  # refuses two unquantized types before anything starts
     ensure_output_free(options.out_dir, overwrite=options.overwrite)
@@ -387,8 +432,10 @@ def run(recipe: Recipe, options: RunOptions, *, progress: EventCallback | None =
     stream = bool(options.stream) and hub_models
     if not options.skip_check:  # one resolution per parent: the merge reads (or streams) what was checked
         pinned, stream = _check_or_raise(recipe, options, report)
-    folders, remotes = _fetch(recipe, options, report, cancel, pinned, stream=stream)
-    local = {ref: ModelRef(str(folder), None, True) for ref, folder in folders.items()}
+    folders, remotes, adapters = _fetch(recipe, options, report, cancel, pinned, stream=stream)
+    local = {ref: ModelRef(str(folder), None, True,
+                           ModelRef(str(adapters[ref]), None, True) if ref in adapters else None)
+             for ref, folder in folders.items()}
     local_folders = {local[ref]: folder for ref, folder in folders.items()}
 
     def parent(ref: ModelRef) -> ParentInfo:

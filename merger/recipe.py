@@ -1,8 +1,10 @@
 """mergekit-compatible YAML recipes: safe parsing, strict validation, parameter resolution.
 
-The schema is mergekit 0.1.5's (`models:` or `slices:`, `merge_method`, `base_model`, `parameters`,
-`dtype`, `out_dtype`, `tokenizer_source`/`tokenizer`, `chat_template`). Unlike mergekit, unknown keys,
-misspelled methods and out-of-range values are refused with one line that says how to fix them.
+The schema is mergekit 0.1.5's (`models:`, `slices:` or `modules:`, `merge_method`, `base_model`,
+`parameters`, `dtype`, `out_dtype`, `tokenizer_source`/`tokenizer`, `chat_template`). What mergekit
+accepts runs; keys it silently drops become warnings with the likely fix (`Recipe.warnings`), and
+misspelled methods, out-of-range values and wrong types are refused with one line that says how to
+fix them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from . import recipe_compat as compat
 from .errors import RecipeError
 from .output import CHAT_TEMPLATES as NAMED_CHAT_TEMPLATES
 
@@ -36,9 +39,10 @@ TOP_KEYS = ("models", "slices", "merge_method", "base_model", "parameters", "dty
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
-TOKENIZER_KEYS = ("source",)
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[/\\]")  # 'D:/models/x' in recipes written on Windows
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 
 Scalar = bool | int | float | str
@@ -46,18 +50,27 @@ Scalar = bool | int | float | str
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model named in a recipe: a Hub repo (optionally at a revision) or a local folder."""
+    """A model named in a recipe: a Hub repo (optionally at a revision) or a local folder, optionally
+    with a LoRA adapter applied to it (mergekit's `model+adapter`; repo/revision/local are the model's)."""
 
     repo: str
     revision: str | None = None
     local: bool = False
+    lora: "ModelRef | None" = None
 
     def __str__(self) -> str:
-        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+        text = f"{self.repo}@{self.revision}" if self.revision else self.repo
+        return f"{text}+{self.lora}" if self.lora is not None else text
+
+    @property
+    def model(self) -> "ModelRef":
+        """The model without its adapter."""
+        return ModelRef(self.repo, self.revision, self.local) if self.lora is not None else self
 
     @property
     def display_name(self) -> str:
-        return Path(self.repo).name if self.local else self.repo
+        name = Path(self.repo).name if self.local else self.repo
+        return f"{name}+{self.lora.display_name}" if self.lora is not None else name
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class Recipe:
     tokenizer_source: str | ModelRef | None
     chat_template: str | None
     text: str
+    warnings: tuple[str, ...] = ()  # keys mergekit ignores, each with its likely fix
+    pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: embedding rows rounded up
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe needs, base first, each once, in order of appearance."""
@@ -115,18 +130,24 @@ class Recipe:
                            for sl in self.slices)
         tok = sub(self.tokenizer_source) if isinstance(self.tokenizer_source, ModelRef) else self.tokenizer_source
         return Recipe(self.method, sub(self.base_model), tuple(sub_input(m) for m in self.models), slices,
-                      self.params, self.dtype, self.out_dtype, tok, self.chat_template, self.text)
+                      self.params, self.dtype, self.out_dtype, tok, self.chat_template, self.text, self.warnings,
+                      self.pad_to_multiple_of)
 
 
 # ---------------------------------------------------------------- safe YAML
 
 class _LimitedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, deep nesting and alias expansion bombs."""
+    """SafeLoader that refuses deep nesting and alias expansion bombs, and reports duplicate keys.
 
-    def __init__(self, stream: str) -> None:
+    A repeated key keeps its last value, as in mergekit (which reads recipes with yaml.safe_load);
+    each repetition is noted in `duplicates`, or refused when that is None.
+    """
+
+    def __init__(self, stream: str, duplicates: list[str] | None = None) -> None:
         super().__init__(stream)
         self._depth = 0
         self._nodes = 0
+        self._duplicates = duplicates
 
     def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
         self._depth += 1
@@ -143,15 +164,19 @@ class _LimitedLoader(yaml.SafeLoader):
             self._depth -= 1
 
     def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
-        seen: set[Any] = set()
+        seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, Iterable) and not isinstance(key, str):
                 raise RecipeError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
+            line = key_node.start_mark.line + 1
             if key in seen:
-                raise RecipeError(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice; "
-                                  "keep one of them")
-            seen.add(key)
+                if self._duplicates is None:
+                    raise RecipeError(f"line {line}: key '{key}' appears twice; keep one of them")
+                self._duplicates.append(f"key '{_short(key)}' appears twice (lines {seen[key]} and {line}); "
+                                        f"the value on line {seen[key]} is ignored (mergekit 0.1.5 keeps the "
+                                        "last one too); delete one of them")
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -170,14 +195,17 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
     return memo[key]
 
 
-def load_yaml(text: str) -> Any:
-    """Parse YAML safely: plain data only, bounded size, depth and alias expansion."""
+def load_yaml(text: str, duplicates: list[str] | None = None) -> Any:
+    """Parse YAML safely: plain data only, bounded size, depth and alias expansion.
+
+    Duplicate keys are refused, or with `duplicates` given, noted there and resolved as mergekit does.
+    """
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
         raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; "
                           "a merge recipe is a few lines of YAML")
     loader = None
     try:
-        loader = _LimitedLoader(text)  # the reader rejects control characters here, as a YAMLError
+        loader = _LimitedLoader(text, duplicates)  # the reader rejects control characters here, as a YAMLError
         node = loader.get_single_node()
         if node is None:
             return None
@@ -191,6 +219,12 @@ def load_yaml(text: str) -> Any:
         where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
         raise RecipeError(f"{where}unsupported YAML tag or value ({_one_line(e.problem)}); "
                           "recipes are plain YAML without tags") from None
+    except yaml.composer.ComposerError as e:
+        if "single document" not in str(e):
+            raise RecipeError(f"the recipe is not valid YAML: {_one_line(e.problem)}") from None
+        raise RecipeError("the file holds several YAML documents separated by '---' (a mergekit-multi recipe); "
+                          "put each merge in its own file and run them in order, naming an earlier result "
+                          "by its output folder") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -221,38 +255,31 @@ def _suggest(word: str, options: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(mapping, dict):
-        raise RecipeError(f"{where} must be a mapping of keys ({', '.join(allowed)}), "
-                          f"not {_kind(mapping)}")
-    for key in mapping:
-        if key not in allowed:
-            raise RecipeError(f"{where}: unknown key '{_short(key)}'{_suggest(str(key), allowed)}; "
-                              f"allowed keys: {', '.join(allowed)}")
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "empty"}.get(
-        type(value), f"a {type(value).__name__}")
-
-
 def _short(value: Any) -> str:
     text = _one_line(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path | None = None) -> ModelRef:
-    """`org/name`, `org/name@revision` or a local folder (refused when allow_local is False)."""
+def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path | None = None,
+                    adapter: bool = False) -> ModelRef:
+    """`org/name`, `org/name@revision` or a local folder (refused when allow_local is False), each
+    optionally followed by `+adapter` (a LoRA adapter repo or folder, mergekit's syntax)."""
     if not isinstance(value, str) or not value.strip():
-        raise RecipeError(f"{where} must be a Hub repo ID like 'org/name' or a local folder, not {_kind(value)}")
+        raise RecipeError(f"{where} must be a Hub repo ID like 'org/name' or a local folder, not {compat.kind(value)}")
     text = value.strip()
-    if "+" in text and not os.path.exists(text):
-        raise RecipeError(f"{where}: '{_short(text)}' uses mergekit's model+LoRA syntax, which is not supported; "
-                          "merge the adapter into its model first")
-    looks_local = text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text
+    if "+" in text and not adapter and not os.path.exists(text):
+        model, *loras = text.split("+")
+        if len(loras) != 1 or not model.strip() or not loras[0].strip():
+            raise RecipeError(f"{where}: '{_short(text)}' is not 'model+adapter' (mergekit's syntax for a LoRA "
+                              "adapter applied to a model: one '+' between the two)")
+        base = parse_model_ref(model, where, allow_local=allow_local, base_dir=base_dir)
+        lora = parse_model_ref(loras[0], f"{where} (its LoRA adapter)", allow_local=allow_local, base_dir=base_dir,
+                               adapter=True)
+        return ModelRef(base.repo, base.revision, base.local, lora)
+    looks_local = text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text or _WINDOWS_DRIVE.match(text)
     if not looks_local and allow_local:
         candidate = (base_dir / text) if base_dir and not os.path.isabs(text) else Path(text)
-        looks_local = candidate.is_dir() and (candidate / "config.json").exists()
+        looks_local = candidate.is_dir() and (candidate / ("adapter_config.json" if adapter else "config.json")).exists()
     if looks_local:
         if not allow_local:
             raise RecipeError(f"{where}: local paths are not allowed here ('{_short(text)}'); "
@@ -276,7 +303,7 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
-def _validate_setting(where: str, setting: Any, param: Any) -> None:
+def _validate_setting(where: str, setting: Any, param: Any, warnings: list[str]) -> None:
     """Check a parameter setting's structure and every scalar in it against the method's Param."""
     if _is_scalar(setting):
         _validate_scalar(where, setting, param)
@@ -285,7 +312,7 @@ def _validate_setting(where: str, setting: Any, param: Any) -> None:
         setting = [setting]
     if not isinstance(setting, list) or not setting:
         raise RecipeError(f"{where} must be a number, a list of numbers (a gradient) or a list of "
-                          f"{{filter: ..., value: ...}} conditions, not {_kind(setting)}")
+                          f"{{filter: ..., value: ...}} conditions, not {compat.kind(setting)}")
     if all(_is_scalar(v) for v in setting):
         for v in setting:
             _validate_scalar(where, v, param)
@@ -294,7 +321,7 @@ def _validate_setting(where: str, setting: Any, param: Any) -> None:
         if not isinstance(cond, dict):
             raise RecipeError(f"{where}[{i}] mixes conditions and plain values; write each entry as "
                               "{filter: ..., value: ...}, the last one as {value: ...}")
-        _check_keys(f"{where}[{i}]", cond, ("filter", "value"))
+        compat.known_keys(f"{where}[{i}]", cond, ("filter", "value"), warnings)
         if "value" not in cond:
             raise RecipeError(f"{where}[{i}] has no 'value'; add one")
         if "filter" in cond and cond["filter"] is not None and not isinstance(cond["filter"], str):
@@ -349,31 +376,47 @@ def coerce(value: Any, kind: type) -> Any:
 # ---------------------------------------------------------------- parsing
 
 def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | None = None) -> Recipe:
-    """Parse and validate a recipe. Raises RecipeError with one line on any problem. A mergekit-moe
-    config (`experts:`, no `merge_method`) gives a merger.moe.MoERecipe instead."""
+    """Parse and validate a recipe. Raises RecipeError with one line on any problem; keys mergekit
+    ignores are dropped and described in `Recipe.warnings`. A mergekit-moe config (`experts:`, no
+    `merge_method`) gives a merger.moe.MoERecipe instead."""
+    warnings: list[str] = []
+    try:
+        return _parse(text, allow_local, base_dir, warnings)
+    except RecipeError as e:
+        if warnings:  # an ignored key is often the cause (a misspelt 'parameters'): say so on the same line
+            raise RecipeError(f"{e} (note: {warnings[0]})") from None
+        raise
+
+
+def _parse(text: str, allow_local: bool, base_dir: str | Path | None, warnings: list[str]) -> Recipe:
     from .methods import get_method  # the method registry decides which parameters exist
 
     if not isinstance(text, str):
         raise RecipeError("the recipe must be YAML text")
-    data = load_yaml(text)
+    data = load_yaml(text, warnings)
     if data is None:
         raise RecipeError("the recipe is empty; start from an example such as "
                           "'merge_method: linear' with a 'models:' list")
+    if not isinstance(data, dict):
+        raise RecipeError(f"the recipe must be a mapping of keys ({', '.join(TOP_KEYS)}), not {compat.kind(data)}")
     from .moe.config import is_moe_config, parse_moe  # mergekit-moe configs are recipes too
 
     if is_moe_config(data):
         return parse_moe(data, text, allow_local=allow_local, base_dir=base_dir)
-    _check_keys("the recipe", data, TOP_KEYS)
+    compat.refuse_other_configs(data)
+    if "modules" in data:
+        data = compat.flatten_modules(data, warnings)
+    data = compat.known_keys("the recipe", data, TOP_KEYS, warnings)
     if "merge_method" not in data:
         raise RecipeError("the recipe has no 'merge_method'; add one, e.g. 'merge_method: slerp'")
     if not isinstance(data["merge_method"], str):
         raise RecipeError("merge_method must be a method name such as 'ties', not "
-                          f"{_kind(data['merge_method'])}")
+                          f"{compat.kind(data['merge_method'])}")
     method = get_method(data["merge_method"].strip())
     bdir = Path(base_dir) if base_dir else None
 
     def ref(value: Any, where: str) -> ModelRef:
-        return parse_model_ref(value, where, allow_local=allow_local, base_dir=bdir)
+        return parse_model_ref(compat.model_reference(value, where), where, allow_local=allow_local, base_dir=bdir)
 
     accepted = {p.name: p for p in method.params}
 
@@ -381,18 +424,23 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise RecipeError(f"{where} must be a mapping like 'weight: 0.5', not {_kind(value)}")
+            raise RecipeError(f"{where} must be a mapping like 'weight: 0.5', not {compat.kind(value)}")
+        kept = {}
         for name, setting in value.items():
             if name not in accepted:
                 known = ", ".join(sorted(accepted)) or "none"
-                raise RecipeError(f"{where}: '{_short(name)}' is not a parameter of {method.name}"
-                                  f"{_suggest(str(name), accepted)}; its parameters are: {known}")
+                warnings.append(f"{where}: '{_short(name)}' is not a parameter of {method.name} and is ignored"
+                                f"{compat.did_you_mean(str(name), accepted)} ({compat.IGNORED}; "
+                                f"{method.name}'s parameters: {known})")
+                continue
             param = accepted[name]
             if scope == "model" and not param.per_model:
-                raise RecipeError(f"{where}: '{name}' applies to the whole merge, not to one model; "
-                                  "move it to the top-level 'parameters:'")
-            _validate_setting(f"{where}.{name}", setting, param)
-        return dict(value)
+                warnings.append(f"{where}: '{name}' applies to the whole merge and is ignored under one model; "
+                                f"move it to the top-level 'parameters:' ({compat.IGNORED})")
+                continue
+            _validate_setting(f"{where}.{name}", setting, param, warnings)
+            kept[name] = setting
+        return kept
 
     base = ref(data["base_model"], "base_model") if data.get("base_model") is not None else None
     has_models, has_slices = "models" in data, "slices" in data
@@ -404,11 +452,15 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
     if has_models:
         if not isinstance(data["models"], list) or not data["models"]:
             raise RecipeError("'models:' must be a non-empty list of entries like '- model: org/name'")
+        named = {repr(e.get("model") if isinstance(e, dict) else e) for e in data["models"]}
+        if len(named) > MAX_MODELS:  # before checking each entry: a huge list is refused in milliseconds
+            raise RecipeError(f"the recipe names {len(named)} different models; at most {MAX_MODELS} can be "
+                              "merged in one recipe")
         for i, entry in enumerate(data["models"]):
             where = f"models[{i}]"
             if isinstance(entry, str):
                 entry = {"model": entry}
-            _check_keys(where, entry, MODEL_KEYS)
+            entry = compat.known_keys(where, entry, MODEL_KEYS, warnings)
             if "model" not in entry:
                 raise RecipeError(f"{where} has no 'model'; add '- model: org/name'")
             models.append(InputModel(ref(entry["model"], f"{where}.model"),
@@ -419,7 +471,7 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
         slices = []
         for i, entry in enumerate(data["slices"]):
             where = f"slices[{i}]"
-            _check_keys(where, entry, SLICE_KEYS)
+            entry = compat.known_keys(where, entry, SLICE_KEYS, warnings)
             sources = entry.get("sources")
             if not isinstance(sources, list) or not sources:
                 raise RecipeError(f"{where}.sources must be a non-empty list of "
@@ -427,7 +479,7 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
             parsed = []
             for j, src in enumerate(sources):
                 swhere = f"{where}.sources[{j}]"
-                _check_keys(swhere, src, SOURCE_KEYS)
+                src = compat.known_keys(swhere, src, SOURCE_KEYS, warnings)
                 if "model" not in src:
                     raise RecipeError(f"{swhere} has no 'model'")
                 parsed.append(InputModel(ref(src["model"], f"{swhere}.model"),
@@ -444,7 +496,10 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
 
     dtype = _dtype(data, "dtype")
     out_dtype = _dtype(data, "out_dtype")
-    tokenizer_source = _tokenizer_source(data, ref)
+    tokenizer_source = _tokenizer_source(data, ref, warnings)
+    pad = data["tokenizer"].get("pad_to_multiple_of") if isinstance(data.get("tokenizer"), dict) else None
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(f"tokenizer.pad_to_multiple_of must be a positive whole number, like 64, not '{_short(pad)}'")
     chat_template = data.get("chat_template")
     names = (*NAMED_CHAT_TEMPLATES, "auto")
     if chat_template is not None and (not isinstance(chat_template, str) or (
@@ -455,7 +510,7 @@ def parse_recipe(text: str, *, allow_local: bool = True, base_dir: str | Path | 
         raise RecipeError("name must be a string")
 
     recipe = Recipe(method.name, base, tuple(models), tuple(slices) if slices is not None else None,
-                    top, dtype, out_dtype, tokenizer_source, chat_template, text)
+                    top, dtype, out_dtype, tokenizer_source, chat_template, text, tuple(warnings), pad)
     if len(recipe.referenced_models()) > MAX_MODELS:
         raise RecipeError(f"the recipe names {len(recipe.referenced_models())} different models; at most "
                           f"{MAX_MODELS} can be merged in one recipe")
@@ -484,18 +539,19 @@ def _dtype(data: dict, key: str) -> str | None:
     return DTYPES[value.lower()]
 
 
-def _tokenizer_source(data: dict, ref: Any) -> str | ModelRef | None:
-    if "tokenizer_source" in data and "tokenizer" in data:
+def _tokenizer_source(data: dict, ref: Any, warnings: list[str]) -> str | ModelRef | None:
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
         raise RecipeError("give either tokenizer_source or tokenizer, not both")
     value = data.get("tokenizer_source")
-    if "tokenizer" in data:
-        _check_keys("tokenizer", data["tokenizer"], TOKENIZER_KEYS)
-        value = data["tokenizer"].get("source")
+    if data.get("tokenizer") is not None:
+        tokenizer = compat.known_keys("tokenizer", data["tokenizer"], TOKENIZER_KEYS, warnings)
+        if tokenizer.get("tokens") is not None:
+            raise RecipeError("tokenizer.tokens is not supported yet; remove it, or merge with mergekit")
+        value = tokenizer.get("source", "union")  # mergekit's default source
     if value is None:
         return None
     if value == "union":
-        raise RecipeError("tokenizer_source: union is not supported; use 'base' or the model whose "
-                          "tokenizer the merge should keep")
+        return "union"
     if value == "base":
         if data.get("base_model") is None and not any(
                 isinstance(s, dict) and s.get("base_model") for s in data.get("slices") or []):
@@ -632,12 +688,18 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, kind: type) -> An
 def resolve_parameter(param: Any, scopes: Iterable[Mapping[str, Any] | None], tensor_name: str,
                       t: float) -> Any:
     """First scope (highest precedence first) whose setting yields a value; else the default."""
+    filtered = False
     for scope in scopes:
         if scope and param.name in scope:
             value = evaluate_setting(scope[param.name], tensor_name, t, param.kind)
             if value is not None:
                 return value
+            filtered = True
     if param.required:
+        if filtered:
+            raise RecipeError(f"parameter '{param.name}' has no value for tensor {tensor_name}: none of its "
+                              "filters matches that name; end its list with a fallback entry such as "
+                              "'- value: 0.5' (mergekit fails on this tensor too)")
         raise RecipeError(f"parameter '{param.name}' has no value for tensor {tensor_name}; "
                           "set it per model or at the top level")
     return param.default

@@ -47,8 +47,13 @@ def pinned_inspector(pinned: Mapping[ModelRef, Any], *, token: str | None, allow
         meta = pinned.get(ref)
         if meta is None:
             return fallback(ref)
-        return Inspection(arch.model_info_from(meta.config, meta.headers, ref), meta.model.access,
-                          meta.model.license)
+        found = Inspection(arch.model_info_from(meta.config, meta.headers, ref), meta.model.access,
+                           meta.model.license)
+        if ref.lora is not None:  # the adapter must fit the pinned model (config and header only)
+            from .check import _with_adapter
+
+            return _with_adapter(ref, found, token)
+        return found
     return inspect
 
 

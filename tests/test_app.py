@@ -131,7 +131,7 @@ def test_parse_model_list() -> None:
 def test_gallery_has_the_examples_and_they_parse() -> None:
     entries = load_gallery()
     methods = [parse_recipe(e.text).method for e in entries]
-    assert methods == ["ties", "dare_ties", "linear", "slerp", "slerp", "slerp", "passthrough", "moe"]
+    assert methods == ["ties", "dare_ties", "linear", "slerp", "slerp", "slerp", "passthrough", "moe", "ties"]
     assert all(e.title and 20 < len(e.when) < 160 and "\n" not in e.when for e in entries)
     by_key = {e.key: parse_recipe(e.text) for e in entries}
     assert by_key["ties-normalize.yml"].params["normalize"] is True
@@ -140,6 +140,7 @@ def test_gallery_has_the_examples_and_they_parse() -> None:
     assert by_key["slerp-gradient.yml"].params["t"] == [0, 0.5, 0.3, 0.7, 1]
     frank = by_key["passthrough-frankenmerge.yml"]
     assert [s.sources[0].layer_range for s in frank.slices] == [(0, 24), (8, 32)]
+    assert by_key["ties-union-tokenizer.yml"].tokenizer_source == "union"
 
 
 def test_gallery_matches_the_shared_examples() -> None:

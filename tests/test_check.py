@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from merger import architecture as arch
 from merger.budget import BASE_RAM, CUDA_CONTEXT, REDUCTION_BYTES
 from merger.check import GGUF_BITS, Inspection, check_recipe
+from merger.methods import get_method
 from merger.recipe import InputModel, ModelRef, Recipe, Slice
 from merger.sources import read_local_headers
 from merger.app.tiny import make_tiny_model
@@ -26,11 +27,13 @@ def local(path: Path) -> ModelRef:
 def recipe(method: str, models: list[ModelRef], *, base: ModelRef | None = None,
            slices: list[list[tuple[ModelRef, tuple[int, int]]]] | None = None,
            tokenizer_source: str | ModelRef | None = None, out_dtype: str | None = None) -> Recipe:
-    """A Recipe built directly, so that the check sees what the parser would refuse too."""
+    """A Recipe built directly, so that the check sees what the parser would refuse too; the method's
+    required parameters get a valid value (0.5) at the top level."""
     built = None
     if slices is not None:
         built = tuple(Slice(tuple(InputModel(m, {}, r) for m, r in s)) for s in slices)
-    return Recipe(method, base, tuple(InputModel(m) for m in models), built, {}, None, out_dtype,
+    required = {p.name: 0.5 for p in get_method(method).params if p.required}
+    return Recipe(method, base, tuple(InputModel(m) for m in models), built, required, None, out_dtype,
                   tokenizer_source, None, "")
 
 
@@ -97,13 +100,18 @@ def test_shape_mismatch_names_tensor_and_shapes(models) -> None:
     assert problem.message.endswith(" more)") and "same size" in problem.fix
 
 
-def test_vocab_difference_warns_and_explains_embeddings(models) -> None:
+def test_vocab_difference_is_refused_with_the_tokenizer_setting_to_add(models) -> None:
+    """mergekit 0.1.5 refuses differing vocabularies without a tokenizer setting; so do we, naming the fix."""
     a, b = local(models["llama"]), local(models["llama_vocab"])
     rows = arch.inspect_local(models["llama"], check_size=False).embedding_rows
     report = check_recipe(recipe("linear", [a, b]))
-    assert report.ok
-    warning = next(p for p in report.problems if p.severity == "warning" and "vocab sizes differ" in p.message)
-    assert f"first {rows} rows" in warning.message and "tokenizer_source" in warning.fix
+    assert not report.ok
+    error = next(p for p in report.problems if p.severity == "error" and "vocab sizes differ" in p.message)
+    assert f"{rows} rows common to all" in error.message and "no tokenizer setting" in error.message
+    assert f"add 'tokenizer_source: {b}'" in error.fix  # no base: the model with the larger vocabulary
+    with_base = check_recipe(recipe("ties", [a, b], base=a))
+    assert "add 'tokenizer_source: base' to keep the tokenizer of" in next(
+        p.fix for p in with_base.problems if "vocab sizes differ" in p.message)
     with_source = check_recipe(recipe("linear", [a, b], tokenizer_source=b))
     assert any("rebuilt for the tokenizer" in m for m in messages(with_source, "note"))
 

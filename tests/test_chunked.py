@@ -14,9 +14,10 @@ from merger.budget import ElementCost, element_cost, memory_needed
 from merger.engine import MergeRunner, plan_merge
 from merger.methods import METHODS, MergeInputs
 from merger.methods.blocks import GRANULE, Layout, Sums, Job, slice_span
-from merger.pipeline import inspect_models, resolve_local
+from merger.pipeline import _union, inspect_models, resolve_local
 from merger.recipe import parse_recipe
 from merger.sources import open_reader
+from tests.test_tokenizer_parity import _with_tokens
 
 # Rows wider than two granules (so a row is cut into pieces, the last one partial), a vector, and a
 # tensor with more than two dimensions (cut by dim-0 rows only).
@@ -155,6 +156,18 @@ merge_method: della
 base_model: {padded}
 tokenizer_source: base
 """,
+    # tokens only some models have (rows filled from the donors) and padding rows (each model's mean row)
+    "ties_union_pad": """models:
+  - model: {base}
+  - model: {tok_a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {tok_b}
+    parameters: {{weight: 0.4, density: 0.7}}
+merge_method: ties
+base_model: {base}
+tokenizer: {{source: union, pad_to_multiple_of: 96}}
+dtype: float32
+""",
 }
 
 
@@ -166,7 +179,8 @@ def _run(recipe_text: str, budget: int | None) -> tuple[dict[str, torch.Tensor],
     if recipe.tokenizer_source is not None:
         from merger.pipeline import load_vocab
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
-    plan = plan_merge(recipe, infos, vocabs=vocabs)
+    union = _union(recipe, infos, folders) if recipe.tokenizer_source == "union" else None
+    plan = plan_merge(recipe, infos, vocabs=vocabs, union_vocab=union.vocab if union else None)
     readers = {ref: open_reader(folders[ref]) for ref in infos}
     parts: dict[str, list[torch.Tensor]] = {}
     wholes: dict[str, torch.Tensor] = {}
@@ -189,7 +203,11 @@ def family(models_dir: Path, llama_family) -> dict[str, Path]:
 
     rows = json.loads((llama_family["base"] / "config.json").read_text())["vocab_size"]
     padded = make_tiny_model(models_dir / "llama-padded-chunked", "llama", seed=3, vocab=rows + 8)
-    return {**llama_family, "padded": padded}
+    tok_a = _with_tokens(make_tiny_model(models_dir / "llama-tokens-a", "llama",
+                                         seed=6, vocab=rows + 2), ["<|a1|>", "<|a2|>"])
+    tok_b = _with_tokens(make_tiny_model(models_dir / "llama-tokens-b", "llama",
+                                         seed=7, vocab=rows + 3), ["<|a1|>", "<|b1|>", "<|b2|>"])
+    return {**llama_family, "padded": padded, "tok_a": tok_a, "tok_b": tok_b}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -197,8 +215,11 @@ def test_engine_output_is_identical_under_any_budget(name: str, family) -> None:
     text = RECIPES[name].format(**{k: str(v) for k, v in family.items()})
     whole, runner = _run(text, None)
     assert runner.blocks == len(runner.plan.outputs)  # the default budget holds every tiny tensor
-    if name == "della_vocab":
+    if name in ("della_vocab", "ties_union_pad"):
         assert runner.plan.outputs[0].vocab is not None  # the embedding's rows are gathered by token
+    if name == "ties_union_pad":
+        vocab = runner.plan.outputs[0].vocab
+        assert vocab.pad > 0 and bool((torch.stack(vocab.index) < 0).any())  # padding and missing rows exist
     for budget in (200_000, 20_000, 2_000):  # the last one is below a row of the widest tensors
         got, chunked = _run(text, budget)
         assert chunked.blocks > len(runner.plan.outputs)  # some tensors were cut (all at the smallest)

@@ -410,7 +410,7 @@ def test_passthrough(models):
 def test_inputs_are_not_modified_and_output_is_float32(models, name):
     method = METHODS[name]
     copies = [m.clone() for m in models]
-    n = {"slerp": 2, "nearswap": 2, "passthrough": 1, "nuslerp": 3}.get(name, 4)
+    n = {"slerp": 2, "nearswap": 2, "passthrough": 1, "nuslerp": 3, "arcee_fusion": 2}.get(name, 4)
     base_index = None if method.base == "ignored" else 0
     values = {"weight": 0.4, "density": 0.5}
     model_params = [{k: v for k, v in values.items() if k in method.param_names} for _ in range(n)]
@@ -619,7 +619,7 @@ def test_get_method_suggests_the_closest_name(typo, suggestion):
 
 def test_get_method_lists_known_names_when_nothing_is_close():
     assert get_method("ties") is METHODS["ties"]
-    with pytest.raises(RecipeError, match="known methods: breadcrumbs, "):
+    with pytest.raises(RecipeError, match="mergekit 0.1.5's methods, all supported here, are: arcee_fusion, breadcrumbs, "):
         get_method("frankenstein")
 
 

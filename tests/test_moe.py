@@ -187,6 +187,18 @@ def test_check_of_an_expert_with_fewer_layers(headers: dict[str, Path]) -> None:
     assert deeper.ok and "its last 1 are unused" in deeper.to_text()
 
 
+def test_strict_makes_ignored_keys_errors(headers: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "moe.yml"
+    path.write_text(_local(headers, "base", ["a", "b"], experts_per_tokn=2).text)
+    assert merger_main(["check", str(path)]) == 0
+    assert "did you mean 'experts_per_token'?" in capsys.readouterr().out
+    assert merger_main(["check", str(path), "--strict"]) == 1
+    assert "did you mean 'experts_per_token'?" in capsys.readouterr().out
+    assert merger_main(["run", str(path), str(tmp_path / "out"), "--strict", "--no-eval"]) != 0
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_check_of_a_moe_exits_0(headers: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "moe.yml"

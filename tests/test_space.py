@@ -213,7 +213,7 @@ def test_a_gated_model_in_the_shared_cache_is_not_served_to_a_user_without_acces
         with pytest.raises(HubError):
             mhub.fetch_model_metadata(pinned, token=token)  # the check's config and header reads too
         with pytest.raises(HubError):
-            demo._layer_count(pinned, token)  # the passthrough picker's config read too
+            demo.layer_count(pinned, token)  # the passthrough picker's config read too
     assert gated.stats.total_bytes("meta/gated-base") == served  # nothing more left the Hub either
     report = demo.check_report(demo.Settings(False, "127.0.0.1", 7860, Path("/nonexistent/out"), Path("/x")),
                                GATED_RECIPE.replace("meta/gated-base", pinned), (), "hf_bob_write")

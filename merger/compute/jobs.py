@@ -74,15 +74,15 @@ def plan_job(recipe: Recipe, options: RunOptions, *, flavor: str | None = None, 
     from ..hub import resolve
     from ..pipeline import check
 
-    local = [ref for ref in recipe.referenced_models() if ref.local]
+    local = [ref for ref in recipe.referenced_models() if ref.local or (ref.lora is not None and ref.lora.local)]
     if local:
         raise ModelError(f"a Hugging Face Job can only merge Hub models, and {local[0]} is a local folder; "
                          "upload it to the Hub first, or run the merge here")
     parents = {ref: resolve(ref, token=options.token).sha for ref in recipe.referenced_models()}
     if report is None:  # checked at the very commits the job will mount
-        pinned = recipe.with_models({ref: ModelRef(ref.repo, sha) for ref, sha in parents.items()})
+        pinned = recipe.with_models({ref: ModelRef(ref.repo, sha, lora=ref.lora) for ref, sha in parents.items()})
         report = check(pinned, token=options.token, gguf=options.gguf, allow_bin=options.allow_bin,
-                       max_memory=options.max_memory)
+                       max_memory=options.max_memory, strict=options.strict)
     errors = [p for p in report.problems if p.severity == "error"]
     if errors:
         fix = f"; {errors[0].fix}" if errors[0].fix else ""

@@ -24,12 +24,14 @@ from .plan import MoEPlan, plan_moe
 
 def check_moe(recipe: MoERecipe, *, inspect: Inspector | None = None, token: str | None = None,
               gguf_types: Iterable[str] | None = None, allow_bin: bool = False,
-              max_memory: int | None = None) -> CheckReport:
+              max_memory: int | None = None, strict: bool = False) -> CheckReport:
     """Every problem of this MoE config with these models, found from metadata alone. `max_memory` is
-    accepted like merger.check.check_recipe's; a MoE copies whole tensors, so it changes nothing."""
+    accepted like merger.check.check_recipe's; a MoE copies whole tensors, so it changes nothing.
+    `strict` makes the config's warnings (keys mergekit-moe ignores) errors, as for a merge recipe."""
     inspect = inspect or default_inspector(token=token, allow_bin=allow_bin)
     gguf = tuple(t.upper() for t in gguf_types or ())
-    problems = [Problem(WARNING, w, "remove the key, or check its spelling") for w in recipe.warnings]
+    problems = [Problem(ERROR if strict else WARNING, w, "remove the key, or check its spelling")
+                for w in recipe.warnings]
     models, access, licenses = {}, {}, {}
     for ref in recipe.referenced_models():
         try:

@@ -1,0 +1,158 @@
+"""Models whose tokenizers differ, merged with `tokenizer_source: base`, a model, or `union`: the
+embedding rows of tokens some model lacks follow mergekit 0.1.5's rule (the one model that has the
+token gives its row, else the base, else the mean of the models that have it), and the whole
+checkpoint equals mergekit's (token by token for the union, whose new ids mergekit assigns in hash
+order). The output tokenizer loads in transformers and encodes the added tokens to their ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from merger.app.tiny import make_tiny_model
+from merger.errors import MergerError
+from tests.test_parity import run_both, ulps, weights
+
+
+def _with_tokens(folder: Path, tokens: list[str]) -> Path:
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens(tokens)
+    tok.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == len(tok), (config["vocab_size"], len(tok))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    base = make_tiny_model(root / "base", "llama", seed=5)
+    rows = json.loads((base / "config.json").read_text())["vocab_size"]
+    a = _with_tokens(make_tiny_model(root / "a", "llama", seed=6, vocab=rows + 2), ["<|a1|>", "<|a2|>"])
+    b = _with_tokens(make_tiny_model(root / "b", "llama", seed=7, vocab=rows + 3), ["<|a1|>", "<|b1|>", "<|b2|>"])
+    return {"BASE": base, "A": a, "B": b, "rows": rows}
+
+
+RECIPES = {
+    "linear-source-a": "models:\n  - {model: BASE, parameters: {weight: 0.2}}\n  - {model: A, parameters: {weight: 0.5}}\n"
+                       "  - {model: B, parameters: {weight: 0.3}}\nmerge_method: linear\ntokenizer_source: A\n",
+    "ties-base-lacks": "models:\n  - {model: BASE}\n  - {model: A, parameters: {weight: 0.6, density: 1.0}}\n"
+                       "  - {model: B, parameters: {weight: 0.4, density: 1.0}}\n"
+                       "merge_method: ties\nbase_model: BASE\ntokenizer_source: A\n",
+    "task-arithmetic-base-b": "models:\n  - {model: B}\n  - {model: A, parameters: {weight: 0.5}}\n"
+                              "  - {model: BASE, parameters: {weight: 0.5}}\n"
+                              "merge_method: task_arithmetic\nbase_model: B\ntokenizer_source: base\n",
+}
+
+
+def _text(recipe: str, trio) -> str:
+    text = recipe + "dtype: float32\n"
+    for key in ("BASE", "A", "B"):
+        text = text.replace(f"model: {key}", f"model: {trio[key]}").replace(f"_model: {key}", f"_model: {trio[key]}")
+        text = text.replace(f"tokenizer_source: {key}\n", f"tokenizer_source: {trio[key]}\n")
+    return text
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_differing_tokenizers_match_mergekit(name: str, trio, tmp_path: Path) -> None:
+    ours, theirs, _ = run_both(_text(RECIPES[name], trio), tmp_path)
+    assert set(ours) == set(theirs)
+    for tensor in ours:
+        assert ours[tensor].shape == theirs[tensor].shape, tensor
+        # (ties with density 1: sign election only; a trim would keep an arbitrary subset of the fp16
+        # deltas tied at its threshold, see test_parity)
+        assert (ulps(ours[tensor], theirs[tensor]) > 1.01).sum() == 0, tensor
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert len(tok) == ours["model.embed_tokens.weight"].shape[0]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").vocab_size == len(tok)
+
+
+def test_missing_token_rows_follow_mergekits_rule(trio, tmp_path: Path) -> None:
+    """linear over BASE, A, B with A's tokenizer: <|a2|> only A has (A's row for everyone), <|a1|> A
+    and B have (their mean for BASE); the merge is the weighted mean of those rows."""
+    ours, _, _ = run_both(_text(RECIPES["linear-source-a"], trio), tmp_path)
+    rows = trio["rows"]
+    e = {k: weights(trio[k])["model.embed_tokens.weight"].float() for k in ("BASE", "A", "B")}
+    out = ours["model.embed_tokens.weight"]
+    a1_b = e["B"][rows]  # <|a1|> is B's first added token
+    a1_default = (e["A"][rows] + a1_b) / 2
+    expected_a1 = (0.2 * a1_default + 0.5 * e["A"][rows] + 0.3 * a1_b) / 1.0
+    expected_a2 = e["A"][rows + 1]  # every model takes A's row, weights sum to 1
+    torch.testing.assert_close(out[rows], expected_a1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[rows + 1], expected_a2, rtol=1e-5, atol=1e-6)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert tok.convert_tokens_to_ids(["<|a1|>", "<|a2|>"]) == [rows, rows + 1]
+
+
+UNION = {
+    "linear-union": "models:\n  - {model: BASE, parameters: {weight: 0.2}}\n  - {model: A, parameters: {weight: 0.5}}\n"
+                    "  - {model: B, parameters: {weight: 0.3}}\nmerge_method: linear\nbase_model: BASE\n"
+                    "tokenizer_source: union\n",
+    "task-arithmetic-union": "models:\n  - {model: BASE}\n  - {model: A, parameters: {weight: 0.6}}\n"
+                             "  - {model: B, parameters: {weight: 0.4}}\n"
+                             "merge_method: task_arithmetic\nbase_model: BASE\ntokenizer: {source: union}\n",
+    "ties-union-padded": "models:\n  - {model: BASE}\n  - {model: A, parameters: {weight: 0.6, density: 1.0}}\n"
+                         "  - {model: B, parameters: {weight: 0.4, density: 1.0}}\n"
+                         "merge_method: ties\nbase_model: BASE\ntokenizer: {pad_to_multiple_of: 100}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNION))
+def test_union_tokenizer_matches_mergekit_token_by_token(name: str, trio, tmp_path: Path) -> None:
+    """mergekit numbers the new tokens in hash order (run to run), so rows are compared by token."""
+    ours, theirs, _ = run_both(_text(UNION[name], trio), tmp_path)
+    ours_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "theirs")
+    ours_vocab, theirs_vocab = ours_tok.get_vocab(), theirs_tok.get_vocab()
+    assert set(ours_vocab) == set(theirs_vocab)
+    assert len(ours_vocab) == trio["rows"] + 4  # <|a1|> (A and B), <|a2|> (A), <|b1|>, <|b2|> (B)
+    tokens = sorted(ours_vocab)
+    rows = 500 if "padded" in name else len(tokens)  # pad_to_multiple_of: 100 -> each model's mean row
+    for tensor in ours:
+        a, b = ours[tensor], theirs[tensor]
+        assert a.shape == b.shape, tensor
+        if a.shape[0] == rows:
+            assert (ulps(a[len(tokens):], b[len(tokens):]) > 1.01).sum() == 0, tensor
+            a = a[[ours_vocab[t] for t in tokens]]
+            b = b[[theirs_vocab[t] for t in tokens]]
+        assert (ulps(a, b) > 1.01).sum() == 0, tensor
+    new = ["<|a1|>", "<|a2|>", "<|b1|>", "<|b2|>"]  # base first, then each model's tokens in recipe order
+    assert ours_tok.convert_tokens_to_ids(new) == list(range(trio["rows"], trio["rows"] + 4))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").vocab_size == rows
+    assert ours["model.embed_tokens.weight"].shape[0] == rows
+    ids = ours_tok("hello <|b2|>", add_special_tokens=False).input_ids
+    assert ids[-1] == ours_vocab["<|b2|>"]
+
+
+def test_union_tokenizer_round_trips_through_gguf(trio, tmp_path: Path) -> None:
+    """The union output converts to GGUF with every token, the new ones at their ids and typed as
+    user-defined tokens, and llama.cpp's token list equals transformers' vocabulary."""
+    import gguf
+
+    from quantize.convert import convert_folder
+
+    run_both(_text(UNION["linear-union"], trio), tmp_path)
+    (path,) = convert_folder(tmp_path / "ours", tmp_path / "union.gguf", "f32")
+    fields = gguf.GGUFReader(path).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    assert len(tokens) == len(vocab) == trio["rows"] + 4
+    assert all(tokens[i] == tok for tok, i in vocab.items())
+    kinds = fields["tokenizer.ggml.token_type"].contents()
+    assert kinds[vocab["<|b2|>"]] == gguf.TokenType.USER_DEFINED
+
+
+def test_union_takes_a_model_without_tokenizer_json_to_share_the_bases(trio, tmp_path: Path) -> None:
+    from merger.tokenizer import build_union
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    rows = trio["rows"]
+    union = build_union(trio["BASE"], rows, [(bare, rows + 9), (trio["B"], rows + 3)])
+    assert len(union.vocab) == rows + 3 and [e["content"] for e in union.appended] == ["<|a1|>", "<|b1|>", "<|b2|>"]
+    with pytest.raises(MergerError, match="needs a tokenizer.json"):
+        build_union(bare, rows, [(trio["B"], rows + 3)])
