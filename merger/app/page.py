@@ -38,6 +38,21 @@ input::placeholder, textarea::placeholder { color: #4b5563 !important; opacity: 
 .report-table { overflow-x: auto; max-width: 100%; }
 .report-table td, .report-table th { white-space: nowrap; }
 #hub-suggest, #model-suggest { margin-top: -6px; }
+.msg * { color: inherit !important; }
+/* Dark theme (gradio puts .dark on <body>): one selector per rule, as gradio mis-scopes ".dark a, .dark b". */
+.dark .msg-error { color: #fecaca !important; background: #450a0a; border-color: #f87171; }
+.dark .msg-stale { color: #fef08a !important; background: #422006; border-color: #eab308; }
+.dark .msg-ok { color: #bbf7d0 !important; background: #052e16; border-color: #22c55e; }
+.dark .msg-note { color: #e5e7eb !important; background: #1f2937; border-color: #9ca3af; }
+.dark .merge-progress-msg { color: #d1d5db; }
+.dark .merge-cancelled .merge-progress-head { color: #d1d5db; }
+.dark .merge-failed .merge-progress-head { color: #fca5a5; }
+.dark button#cancel { background: #1f2937; border-color: #f87171; color: #fecaca; }
+.dark button#cancel:disabled { border-color: #6b7280; color: #d1d5db; background: #374151; }
+.dark input::placeholder { color: #9ca3af !important; }
+.dark textarea::placeholder { color: #9ca3af !important; }
+.dark #editor .cm-content span { color: #e5e7eb; }
+.dark #editor .cm-content .tok-propertyName { color: #fdba74; }
 """
 
 # Tab and Shift+Tab leave the YAML editor (CodeMirror would indent instead, trapping keyboard users);
