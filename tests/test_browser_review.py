@@ -9,7 +9,7 @@ import pytest
 
 from tests.sharing_fixtures import publish_model
 from tests.test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _editor_text, _set_quants, hub_server  # noqa: F401
-from tests.test_browser_ux import _low_contrast, _pick_gallery, browser_context, served  # noqa: F401
+from tests.test_browser_ux import _contrasts, _low_contrast, _pick_gallery, browser_context, served  # noqa: F401
 
 
 @pytest.fixture()
@@ -42,6 +42,11 @@ def test_dark_mode_contrast(browser_context, served) -> None:  # noqa: ANN001
         p.keyboard.press("Backspace")
         p.locator("#recipe-status .msg-ok").wait_for()
         low += _low_contrast(p)
+        _set_quants(p, set())
+        p.click("#merge")  # the progress panel's own colours, on the dark background
+        p.locator('#progress .merge-progress[data-status="done"]').wait_for()
+        low += [("progress", *r) for r in _contrasts(p, "#progress .merge-progress-head, #progress .merge-progress-msg")
+                if r[2] < 4.5]
         p.screenshot(path=str(ARTIFACTS / "review-dark.png"), full_page=True)
         assert not low, low
     finally:
