@@ -339,7 +339,8 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
                            queue=False).then(
             run_merge, [job_id, editor, repo_name, private, publish, quants, gguf_repo, remix_of, run_where],
             [progress, log, result, card], concurrency_id="merge", concurrency_limit=1, api_name="merge").then(
-            lambda: (gr.Button(interactive=False), ""), None, [cancel_button, run_note], queue=False)
+            lambda j: (gr.Button(interactive=False), gr.skip() if j == BLOCKED else ""), [job_id],
+            [cancel_button, run_note], queue=False)  # the reason a Merge did not start stays on the page
         cancel_button.click(cancel, [job_id], [run_note], queue=False)
         result.change(chat_target, [job_id], [chat_source], queue=False)
         chat_box.submit(chat_send, [chat_source, chatbot, chat_box], [chatbot, chat_box, chat_status],
