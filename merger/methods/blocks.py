@@ -366,16 +366,22 @@ class Cutoff:
         self._ties_left = 0
 
     def mask(self, block: Block, scores: torch.Tensor) -> torch.Tensor:
-        if self.k <= 0:
-            return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        if self.k >= self.n:
-            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return self._select(block, scores, keep=False)
+
+    def keep(self, block: Block, scores: torch.Tensor) -> torch.Tensor:
+        """The complement of `mask` (the entries not among the k smallest), made in as many passes."""
+        return self._select(block, scores, keep=True)
+
+    def _select(self, block: Block, scores: torch.Tensor, keep: bool) -> torch.Tensor:
+        if self.k <= 0 or self.k >= self.n:
+            fill = (self.k <= 0) == keep
+            return torch.full(scores.shape, fill, dtype=torch.bool, device=scores.device)
         if block.first:
             self._ties_left = self.k - self.below
-        mask = scores < self.threshold
+        mask = scores >= self.threshold if keep else scores < self.threshold
         if self._ties_left > 0:
             ties = torch.nonzero((scores == self.threshold).reshape(-1)).squeeze(1)[: self._ties_left]
-            mask.reshape(-1)[ties] = True
+            mask.reshape(-1)[ties] = not keep
             self._ties_left -= ties.numel()
         return mask
 
@@ -443,12 +449,14 @@ class Selection:
 _SAMPLE = 65_536  # entries sampled to bracket the k-th value before an in-memory exact selection
 
 
-def kth_in_memory(flat: torch.Tensor, k: int) -> float:
-    """The k-th smallest entry (1-based) of a 1-D tensor held whole, exactly.
+def kth_in_memory(flat: torch.Tensor, k: int) -> tuple[float, int]:
+    """The k-th smallest entry (1-based) of a 1-D tensor held whole, exactly, and how many entries are
+    smaller than it.
 
     A full selection is single-threaded and slow on large tensors, so a fixed pseudo-random sample
-    first brackets the answer; the exact selection then runs only on the entries inside the bracket.
-    When the bracket misses (it cannot be wrong, only unlucky) the full selection runs.
+    first brackets the answer; the exact selection then runs only on the entries inside the bracket,
+    and the count below it comes from the bracket too (no further pass over the tensor). When the
+    bracket misses (it cannot be wrong, only unlucky) the full selection runs.
     """
     n = flat.numel()
     if n > 16 * _SAMPLE:
@@ -463,8 +471,10 @@ def kth_in_memory(flat: torch.Tensor, k: int) -> float:
         if below < k:
             band = flat[(flat >= lo) & (flat <= hi)]
             if below + band.numel() >= k:
-                return float(torch.kthvalue(band, k - below).values)
-    return float(torch.kthvalue(flat, k).values)
+                value = torch.kthvalue(band, k - below).values
+                return float(value), below + int(torch.count_nonzero(band < value))
+    value = torch.kthvalue(flat, k).values
+    return float(value), int(torch.count_nonzero(flat < value))
 
 
 def smallest_cutoffs(job: Job, streams: int, ks: Sequence[Sequence[int]] | Callable[[], Sequence[Sequence[int]]],
@@ -489,8 +499,8 @@ def smallest_cutoffs(job: Job, streams: int, ks: Sequence[Sequence[int]] | Calla
                 row = []
                 for k in wanted[s]:
                     if 0 < k <= job.numel:
-                        threshold = kth_in_memory(flat, k)
-                        row.append(Cutoff(k, job.numel, threshold, int(torch.count_nonzero(flat < threshold))))
+                        threshold, below = kth_in_memory(flat, k)
+                        row.append(Cutoff(k, job.numel, threshold, below))
                     else:
                         row.append(Cutoff(k, job.numel))
                 found.append(row)

@@ -130,7 +130,7 @@ class TaskVectors:
     def _keep(self, block: Block, j: int, delta: torch.Tensor) -> torch.Tensor:
         density = self.densities[j]
         if self.sparsifier == "magnitude":
-            return ~self.cutoffs[j][0].mask(block, delta.abs())
+            return self.cutoffs[j][0].keep(block, delta.abs())
         if self.sparsifier == "magnitude_outliers":
             magnitudes = delta.abs()
             window, low = self.cutoffs[j]
