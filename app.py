@@ -39,6 +39,8 @@ from merger.app.runs import RunQueue  # noqa: E402
 from merger.app import browser, hubsearch, page, quantize_panel, remix, share  # noqa: E402
 from merger.app.gallery.community import KEY_PREFIX as COMMUNITY_PREFIX, safe_load_community  # noqa: E402
 from merger.app.lineage import render_svg  # noqa: E402
+from merger.app import evaluate_panel  # noqa: E402
+from merger.app.evaluate import Evaluations  # noqa: E402
 from merger.methods import METHODS  # noqa: E402
 
 CSS = page.CSS
@@ -53,8 +55,8 @@ def _username(profile: gr.OAuthProfile | None) -> str | None:
     return profile.username if profile else None
 
 
-def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
-    """The page; `manager` may carry a test hook that paces jobs."""
+def build_app(settings: Settings, manager: RunQueue | None = None, evaluations: Evaluations | None = None) -> gr.Blocks:
+    """The page; `manager` may carry a test hook that paces jobs; `evaluations` runs the Benchmarks panel's jobs."""
     jobs = manager or RunQueue()
     chats = ChatSessions()
     allow_local = settings.allow_local
@@ -307,6 +309,8 @@ def build_app(settings: Settings, manager: RunQueue | None = None) -> gr.Blocks:
             with gr.Row():
                 chat_box = gr.Textbox(label="Message", scale=4, elem_id="chat-box", submit_btn=True)
             chat_status = gr.Markdown(elem_id="chat-status")
+
+        evaluate_panel.build(evaluations or Evaluations(), lambda t: _token(settings, t))
 
         recipe_outputs = [editor, models_box, method, repo_name, status]
         method.input(from_method, [models_box, method], recipe_outputs + [gallery_pick], queue=False)

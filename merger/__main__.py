@@ -21,6 +21,7 @@ EPILOG = """examples:
   python -m merger run recipe.yml ./merged --stream --push me/my-merge
   python -m merger check recipe.yml --job
   python -m merger run recipe.yml --job --job-image hf.co/spaces/me/llm-merger --push me/my-merge
+  python -m merger eval me/my-merge --parents --job --job-image hf.co/spaces/me/llm-merger
 
 exit codes: 0 success; 1 the check found problems; 2 bad input (recipe, models, options);
 130 cancelled (Ctrl-C)."""
@@ -70,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e.add_argument("--no-push", action="store_true", help="print the scores without committing them")
     e.add_argument("--token", default=os.environ.get("HF_TOKEN") or None, help="Hugging Face token (default $HF_TOKEN)")
+    ej = e.add_argument_group("Hugging Face Jobs (the evaluation on your account's hardware; the job commits)")
+    ej.add_argument("--job", action="store_true", help="run as a Hugging Face Job that commits the results itself")
+    ej.add_argument("--flavor", metavar="NAME", help="Jobs hardware (default: the lowest estimated cost among the "
+                    "flavors whose RAM, disk and GPU memory hold the largest model)")
+    ej.add_argument("--job-image", metavar="IMAGE", help="image with this project: a Space running it "
+                    "(hf.co/spaces/OWNER/NAME) or a Docker image (default: $MERGER_JOB_IMAGE, or this Space's own)")
+    ej.add_argument("--progress-lines", action="store_true",
+                    help="print progress as JSON lines on stdout (how a job reports to the app and the CLI)")
 
     r = sub.add_parser("run", help="check, fetch, merge, and optionally convert to GGUF and push",
                        description="Run the merge tensor by tensor and write mergekit's output layout to OUT_DIR.")
@@ -224,6 +233,25 @@ def _mounted(items: Sequence[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _follow_job(handle, bar: StderrProgress):  # noqa: ANN001, ANN202 - a compute Handle and its result
+    """Run a job's handle with the progress bar; the first Ctrl-C cancels the job on the Hub and waits for it."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+
+    def interrupt(signum, frame) -> None:  # noqa: ANN001
+        signal.signal(signal.SIGINT, previous)
+        print("\ncancelling the Hugging Face Job (Ctrl-C again to stop waiting)...", file=sys.stderr)
+        threading.Thread(target=handle.cancel, daemon=True).start()
+
+    if main_thread:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        return handle.run(bar)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
 def cmd_job(args: argparse.Namespace, recipe, options, bar) -> int:
     """`run --job`: plan, create the Hugging Face Job, follow its log with the same progress bar."""
     from .compute.jobs import Jobs
@@ -232,21 +260,9 @@ def cmd_job(args: argparse.Namespace, recipe, options, bar) -> int:
         print("\n".join(plan.lines()), file=sys.stderr)
 
     handle = Jobs(image=args.job_image, flavor=args.flavor, on_plan=show_plan).submit(recipe, options)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main_thread else None
-
-    def interrupt(signum, frame) -> None:  # the first Ctrl-C cancels the job on the Hub, then waits for it
-        signal.signal(signal.SIGINT, previous)
-        print("\ncancelling the Hugging Face Job (Ctrl-C again to stop waiting)...", file=sys.stderr)
-        threading.Thread(target=handle.cancel, daemon=True).start()
-
-    if main_thread:
-        signal.signal(signal.SIGINT, interrupt)
     try:
-        outcome = handle.run(bar)
+        outcome = _follow_job(handle, bar)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
         bar.close()
     for w in outcome.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -325,20 +341,78 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.harness import evaluate_repo
+    from .pipeline import Event
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise MergerError("--tasks is empty; name lm-eval tasks, e.g. arc_challenge,hellaswag")
     if args.limit is not None and args.limit < 1:
         raise MergerError("--limit must be a positive number of examples per task")
-    scores, parents = evaluate_repo(args.repo, tasks, parents=args.parents, token=args.token,
-                                    include_path=args.include_path, limit=args.limit, device=args.device,
-                                    push=not args.no_push, progress=lambda m: print(m, file=sys.stderr))
+    if (args.flavor or args.job_image) and not args.job:
+        raise MergerError("--flavor and --job-image are for --job")
+    if args.job and args.no_push:
+        raise MergerError("a Hugging Face Job keeps nothing itself: drop --no-push, or run the evaluation here")
+    bar = StderrProgress()
+    if args.job:
+        return cmd_eval_job(args, tasks, bar)
+    lines = None
+    if args.progress_lines:
+        from .compute.protocol import LinePrinter
+
+        lines = LinePrinter()
+    show = lines or bar
+    state = {"committing": False}
+
+    def stop(signum, frame) -> None:  # noqa: ANN001 - a job is stopped with SIGTERM: before the commit, nothing lands
+        if not state["committing"]:  # SystemExit: no `except Exception` inside lm-eval can swallow it
+            print("cancelled: the evaluation was stopped before its results were committed; the repository is "
+                  "unchanged", file=sys.stderr)
+            raise SystemExit(130)
+
+    def committing(active: bool) -> None:  # a stop during the commit lets it finish: it lands whole or not at all
+        state["committing"] = active
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        scores, parents = evaluate_repo(args.repo, tasks, parents=args.parents, token=args.token,
+                                        include_path=args.include_path, limit=args.limit, device=args.device,
+                                        push=not args.no_push, committing=committing,
+                                        progress=lambda message, fraction: show(Event("evaluate", fraction, message)))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    if lines is not None:
+        lines.data({"scores": scores, "parents": parents, "committed": not args.no_push})
+    return _print_scores(args, scores, parents, committed=not args.no_push)
+
+
+def _print_scores(args: argparse.Namespace, scores: dict, parents: dict, *, committed: bool) -> int:
     for name, s in [(args.repo, scores), *parents.items()]:
         print(f"{name}: " + ", ".join(f"{t} {v:.4f}" for t, v in s.items()))
-    if not args.no_push:
+    if committed:
         print(f"results committed to {args.repo} (card table and .eval_results/)")
     return 0
+
+
+def cmd_eval_job(args: argparse.Namespace, tasks: list[str], bar: StderrProgress) -> int:
+    """`eval --job`: plan, create the Hugging Face Job, follow its log with the same progress bar."""
+    from .compute.evaljob import EvalJobs, EvalRequest
+
+    request = EvalRequest(args.repo, tuple(tasks), parents=args.parents, limit=args.limit,
+                          include_path=args.include_path, token=args.token)
+    handle = EvalJobs(image=args.job_image, flavor=args.flavor,
+                      on_plan=lambda plan: print("\n".join(plan.lines()), file=sys.stderr)).submit(request)
+    try:
+        result = _follow_job(handle, bar)
+    finally:
+        bar.close()
+    parents = {str(k): dict(v) for k, v in result.get("parents", {}).items()}
+    print(f"the Hugging Face Job {handle.url} evaluated {args.repo}")
+    return _print_scores(args, dict(result.get("scores", {})), parents, committed=bool(result.get("committed")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import MergerError
 from .resources import GB, Needs, run_seconds, timeout_seconds
@@ -86,15 +86,18 @@ def estimate(flavor: Flavor, needs: Needs) -> tuple[float, float]:
     return seconds, seconds * flavor.usd_per_second
 
 
-def choose_flavor(flavors: Sequence[Flavor], needs: Needs, *, wanted: str | None = None) -> FlavorChoice:
-    """The flavor with the lowest estimated cost among those that fit (or `wanted`, if it fits)."""
+def choose_flavor(flavors: Sequence[Flavor], needs: Needs, *, wanted: str | None = None,
+                  seconds: Callable[[Flavor], float] | None = None, what: str = "this merge",
+                  hint: str = "merge fewer or smaller models") -> FlavorChoice:
+    """The flavor with the lowest estimated cost among those that fit (or `wanted`, if it fits); `seconds` is
+    the run's time on a flavor (default: a merge's); `what` and `hint` word the refusals."""
     if wanted is not None:
         pick = next((f for f in flavors if f.name == wanted), None)
         if pick is None:
             raise MergerError(f"unknown Jobs flavor '{wanted}'; choose one of {', '.join(f.name for f in flavors)}")
         why = pick.shortfalls(needs)
         if why:
-            raise MergerError(f"flavor {wanted} cannot run this merge ({'; '.join(why)}); leave out --flavor to "
+            raise MergerError(f"flavor {wanted} cannot run {what} ({'; '.join(why)}); leave out --flavor to "
                               "get the cheapest one that fits")
         candidates = [pick]
     else:
@@ -102,8 +105,15 @@ def choose_flavor(flavors: Sequence[Flavor], needs: Needs, *, wanted: str | None
     if not candidates:
         biggest = max(flavors, key=lambda f: (f.ram_bytes, f.gpu_bytes), default=None)
         detail = f" (largest: {biggest.name}: {'; '.join(biggest.shortfalls(needs))})" if biggest else ""
-        raise MergerError(f"no Hugging Face Jobs flavor can hold this merge{detail}; merge fewer or smaller models")
-    costed = sorted(((*estimate(f, needs), f) for f in candidates), key=lambda t: (t[1], t[0], t[2].name))
+        raise MergerError(f"no Hugging Face Jobs flavor can hold {what}{detail}; {hint}")
+
+    def cost(f: Flavor) -> tuple[float, float]:
+        if seconds is None:
+            return estimate(f, needs)
+        s = seconds(f)
+        return s, s * f.usd_per_second
+
+    costed = sorted(((*cost(f), f) for f in candidates), key=lambda t: (t[1], t[0], t[2].name))
     seconds, usd, pick = costed[0]
     rejected = tuple((f, tuple(f.shortfalls(needs))) for f in sorted(flavors, key=lambda f: f.usd_per_second)
                      if f.usd_per_second <= pick.usd_per_second and f.shortfalls(needs))

@@ -125,23 +125,102 @@ def job_spec(recipe: Recipe, options: RunOptions, plan: JobPlan, image: str) -> 
             "timeout": plan.choice.timeout, "labels": dict(JOB_LABEL)}
 
 
-class JobHandle(Handle):
-    """One merge as a Hugging Face Job: check and plan, create, follow the log, report the outcome."""
+class HubJob(Handle):
+    """A Hugging Face Job created with the user's token as its only secret and followed through its log: its
+    progress lines become Events, its result line is the result; `cancel()` stops it (SIGTERM) from any thread."""
 
-    def __init__(self, recipe: Recipe, options: RunOptions, *, image: str | None, flavor: str | None,
-                 on_plan: Any = None) -> None:
-        self.recipe, self.options, self.image, self.flavor = recipe, options, image, flavor
-        self.on_plan = on_plan  # called with the JobPlan before the job is created (the CLI prints it)
+    def __init__(self, token: str | None) -> None:
+        self.token = token
         self.job_id: str | None = None
         self.namespace: str | None = None
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
 
-    def run(self, progress: EventCallback) -> Outcome:
+    def create_and_follow(self, image: str, spec: Mapping[str, Any], progress: EventCallback, *,
+                          nothing: str) -> dict[str, Any]:
+        """Create the job (run_job's arguments without the token) and follow it to its end: the job's result,
+        or CancelledError / ModelError (with the log's last lines); `nothing` says what a cancel left undone."""
         from huggingface_hub import HfApi
 
-        from ..hub import check_write_access, hub_endpoint, validate_repo_id
+        from ..hub import hub_endpoint
+
+        api = HfApi(endpoint=hub_endpoint(), token=self.token)
+        with self._lock:
+            if self._cancelled.is_set():
+                raise CancelledError("the job was cancelled before it was created; nothing was written")
+            try:
+                info = api.run_job(image=image, secrets={TOKEN_SECRET: self.token}, **spec)
+            except Exception as e:
+                raise jobs_error(e, self.token, "create a Hugging Face Job") from None
+            self.job_id, self.namespace, self.url = info.id, info.owner.name, info.url
+        progress(Event("job", 0.0, f"Hugging Face Job {info.id} on {spec['flavor']}: {info.url}"))
+        result = self._follow(api, progress)
+        stage, message = self._final_stage(api)
+        if stage == "COMPLETED" and result is not None:
+            return result
+        if stage == "CANCELED" or self._cancelled.is_set():
+            raise CancelledError(f"the Hugging Face Job was cancelled; {nothing} ({self.url})")
+        tail = " | ".join(self.tail) or "no log output"
+        why = f" ({message})" if message else ""
+        raise ModelError(f"the Hugging Face Job failed{why}; last log lines: {tail}; full log: {self.url}")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled.set()
+            job_id, namespace = self.job_id, self.namespace
+        if job_id is None:
+            return
+        from huggingface_hub import HfApi
+
+        from ..hub import hub_endpoint
+
+        try:
+            HfApi(endpoint=hub_endpoint(), token=self.token).cancel_job(job_id=job_id, namespace=namespace)
+        except Exception as e:
+            raise jobs_error(e, self.token, "cancel the Hugging Face Job") from None
+
+    def _follow(self, api: Any, progress: EventCallback) -> dict[str, Any] | None:
+        """Read the job's log to its end: progress lines become Events, the rest is kept as the tail."""
+        result = None
+        try:
+            for line in api.fetch_job_logs(job_id=self.job_id, namespace=self.namespace, follow=True):
+                parsed = parse_line(line)
+                if isinstance(parsed, Event):
+                    progress(parsed)
+                elif isinstance(parsed, dict):
+                    result = parsed
+                elif line.strip():  # of a progress bar redrawn with carriage returns, its last state
+                    self.tail.append(_scrub(line.split("\r")[-1].strip() or line.strip(), self.token))
+        except Exception as e:
+            raise jobs_error(e, self.token, "follow the Hugging Face Job's log") from None
+        return result
+
+    def _final_stage(self, api: Any, wait: float = 30.0) -> tuple[str, str | None]:
+        """The job's terminal stage (the Hub marks it a moment after the log ends)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                info = api.inspect_job(job_id=self.job_id, namespace=self.namespace)
+            except Exception as e:
+                raise jobs_error(e, self.token, "read the Hugging Face Job's status") from None
+            stage = str(getattr(info.status.stage, "value", info.status.stage))
+            if stage in TERMINAL or time.monotonic() > deadline:
+                return stage, info.status.message
+            time.sleep(1.0)
+
+
+class JobHandle(HubJob):
+    """One merge as a Hugging Face Job: check and plan, create, follow the log, report the outcome."""
+
+    def __init__(self, recipe: Recipe, options: RunOptions, *, image: str | None, flavor: str | None,
+                 on_plan: Any = None) -> None:
+        super().__init__(options.token)
+        self.recipe, self.options, self.image, self.flavor = recipe, options, image, flavor
+        self.on_plan = on_plan  # called with the JobPlan before the job is created (the CLI prints it)
+
+    def run(self, progress: EventCallback) -> Outcome:
+        from ..hub import check_write_access, validate_repo_id
 
         token = self.options.token
         if not token:
@@ -162,71 +241,7 @@ class JobHandle(Handle):
         progress(Event("check", 1.0, f"check passed; Hugging Face Jobs flavor {c.flavor.name}, estimated "
                                      f"{c.seconds / 60:.0f} min and {usd(c.usd)}"))
         spec = job_spec(self.recipe, self.options, plan, self.image)
-        api = HfApi(endpoint=hub_endpoint(), token=token)
-        with self._lock:
-            if self._cancelled.is_set():
-                raise CancelledError("the job was cancelled before it was created; nothing was written")
-            try:
-                info = api.run_job(image=self.image, secrets={TOKEN_SECRET: token}, **spec)
-            except Exception as e:
-                raise jobs_error(e, token, "create a Hugging Face Job") from None
-            self.job_id, self.namespace, self.url = info.id, info.owner.name, info.url
-        progress(Event("job", 0.0, f"Hugging Face Job {info.id} on {c.flavor.name}: {info.url}"))
-        result = self._follow(api, progress)
-        stage, message = self._final_stage(api)
-        if stage == "COMPLETED" and result is not None:
-            return self._outcome(result)
-        if stage == "CANCELED" or self._cancelled.is_set():
-            raise CancelledError(f"the Hugging Face Job was cancelled; nothing was pushed ({self.url})")
-        tail = " | ".join(self.tail) or "no log output"
-        why = f" ({message})" if message else ""
-        raise ModelError(f"the Hugging Face Job failed{why}; last log lines: {tail}; full log: {self.url}")
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled.set()
-            job_id, namespace = self.job_id, self.namespace
-        if job_id is None:
-            return
-        from huggingface_hub import HfApi
-
-        from ..hub import hub_endpoint
-
-        try:
-            HfApi(endpoint=hub_endpoint(), token=self.options.token).cancel_job(job_id=job_id, namespace=namespace)
-        except Exception as e:
-            raise jobs_error(e, self.options.token, "cancel the Hugging Face Job") from None
-
-    # ------------------------------------------------------------ following
-
-    def _follow(self, api: Any, progress: EventCallback) -> dict[str, Any] | None:
-        """Read the job's log to its end: progress lines become Events, the rest is kept as the tail."""
-        result = None
-        try:
-            for line in api.fetch_job_logs(job_id=self.job_id, namespace=self.namespace, follow=True):
-                parsed = parse_line(line)
-                if isinstance(parsed, Event):
-                    progress(parsed)
-                elif isinstance(parsed, dict):
-                    result = parsed
-                elif line.strip():  # of a progress bar redrawn with carriage returns, its last state
-                    self.tail.append(_scrub(line.split("\r")[-1].strip() or line.strip(), self.options.token))
-        except Exception as e:
-            raise jobs_error(e, self.options.token, "follow the Hugging Face Job's log") from None
-        return result
-
-    def _final_stage(self, api: Any, wait: float = 30.0) -> tuple[str, str | None]:
-        """The job's terminal stage (the Hub marks it a moment after the log ends)."""
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                info = api.inspect_job(job_id=self.job_id, namespace=self.namespace)
-            except Exception as e:
-                raise jobs_error(e, self.options.token, "read the Hugging Face Job's status") from None
-            stage = str(getattr(info.status.stage, "value", info.status.stage))
-            if stage in TERMINAL or time.monotonic() > deadline:
-                return stage, info.status.message
-            time.sleep(1.0)
+        return self._outcome(self.create_and_follow(self.image, spec, progress, nothing="nothing was pushed"))
 
     def _outcome(self, result: Mapping[str, Any]) -> Outcome:
         card = ""

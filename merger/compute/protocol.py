@@ -37,6 +37,11 @@ class LinePrinter:
         self.stream.write(EVENT_PREFIX + json.dumps(data) + "\n")
         self.stream.flush()
 
+    def data(self, data: dict[str, Any]) -> None:
+        """The run's result line (any JSON object: a merge's files, an evaluation's scores)."""
+        self.stream.write(RESULT_PREFIX + json.dumps(data) + "\n")
+        self.stream.flush()
+
     def result(self, result: RunResult) -> None:
         folder = result.out_dir
         files = [[p.relative_to(folder).as_posix(), p.stat().st_size]
@@ -45,8 +50,7 @@ class LinePrinter:
                 "warnings": list(result.warnings), "sanity": dict(result.sanity or {}),
                 "quality": result.quality.markdown() if result.quality else [],
                 "verdict": result.quality.verdict if result.quality else None}
-        self.stream.write(RESULT_PREFIX + json.dumps(data) + "\n")
-        self.stream.flush()
+        self.data(data)
 
 
 def parse_line(line: str) -> Event | dict[str, Any] | None:

@@ -52,10 +52,10 @@ def _headline(task: str, metrics: Mapping[str, Any]) -> float:
     return float(numbers[0])
 
 
-def run_harness(model: str, tasks: Sequence[str], *, include_path: str | Path | None = None,
-                limit: int | None = None, device: str = "cpu", batch_size: str | int = "auto",
-                token: str | None = None) -> Scores:
-    """Score one model (a Hub repo id or a local folder) on `tasks`: {task: headline metric}."""
+def harness_metrics(model: str, tasks: Sequence[str], *, include_path: str | Path | None = None,
+                    limit: int | None = None, device: str = "cpu", batch_size: str | int = "auto",
+                    token: str | None = None) -> dict[str, dict[str, Any]]:
+    """lm-eval's results for one model (a Hub repo id or a local folder): {task: {"acc,none": ..., ...}}."""
     lm_eval = _lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -71,7 +71,12 @@ def run_harness(model: str, tasks: Sequence[str], *, include_path: str | Path | 
                                       verbosity="ERROR")
     except (OSError, ValueError) as exc:
         raise MergerError(f"lm-eval could not evaluate {model}: {str(exc).splitlines()[0]}") from None
-    return {task: _headline(task, out["results"][task]) for task in tasks}
+    return {task: dict(out["results"][task]) for task in tasks}
+
+
+def run_harness(model: str, tasks: Sequence[str], **options: Any) -> Scores:
+    """Score one model on `tasks`: {task: headline metric} (options as for harness_metrics)."""
+    return {task: _headline(task, metrics) for task, metrics in harness_metrics(model, tasks, **options).items()}
 
 
 def results_table(model: str, scores: Scores, parents: Mapping[str, Scores], *, limit: int | None) -> list[str]:
@@ -114,41 +119,60 @@ def eval_results_files(scores: Scores, *, source_url: str) -> dict[str, str]:
     return files
 
 
-def evaluate_repo(repo_id: str, tasks: Sequence[str], *, parents: bool, token: str | None,
-                  include_path: str | Path | None = None, limit: int | None = None, device: str = "cpu",
-                  push: bool = True, progress: Callable[[str], None] | None = None) -> tuple[Scores, dict[str, Scores]]:
-    """Benchmark a published merge (and its parents, from its card's base_model), then commit the table
-    and the eval results files to it in one commit."""
-    from huggingface_hub import CommitOperationAdd, ModelCard
+def card_parents(card: Any) -> list[str]:
+    """The parents a merge's card names (its base_model: one id or a list)."""
+    base = card.data.base_model
+    return [base] if isinstance(base, str) else list(base or [])
 
-    from ..hub import _api, _call, hub_endpoint, validate_repo_id
+
+def merge_and_parents(repo_id: str, *, parents: bool, token: str | None) -> tuple[Path, list[str]]:
+    """The merge's card (downloaded) and the parents to evaluate beside it (none unless `parents`)."""
+    from huggingface_hub import ModelCard
+
+    from ..hub import _api, _call, validate_repo_id
 
     validate_repo_id(repo_id)
-    say = progress or (lambda message: None)
     card_path = _call(lambda: _api(token).hf_hub_download(repo_id, "README.md"), repo_id=repo_id, token=token)
-    card = ModelCard.load(card_path)
-    parent_ids = list(card.data.base_model or []) if parents else []
-    if isinstance(card.data.base_model, str) and parents:
-        parent_ids = [card.data.base_model]
-    from ..hub import fetch_model
+    return Path(card_path), card_parents(ModelCard.load(card_path)) if parents else []
+
+
+def evaluate_repo(repo_id: str, tasks: Sequence[str], *, parents: bool, token: str | None,
+                  include_path: str | Path | None = None, limit: int | None = None, device: str = "cpu",
+                  push: bool = True, progress: Callable[[str, float], None] | None = None,
+                  committing: Callable[[bool], None] | None = None) -> tuple[Scores, dict[str, Scores]]:
+    """Benchmark a published merge (and its parents, from its card's base_model), then commit the table
+    and the eval results files to it in one commit. `progress(message, fraction of the models done)`;
+    `committing(True)` just before the commit and `committing(False)` after it (a cancel must not cut it)."""
+    from huggingface_hub import CommitOperationAdd
+
+    from ..hub import _api, _call, fetch_model, hub_endpoint
+
+    say = progress or (lambda message, fraction: None)
+    card_path, parent_ids = merge_and_parents(repo_id, parents=parents, token=token)
 
     def local(repo: str) -> str:  # through our Hub layer: pinned, HF_ENDPOINT honoured, one-line errors
         return str(fetch_model(repo, token=token)[1])
 
-    say(f"evaluating {repo_id} on {', '.join(tasks)}")
-    scores = run_harness(local(repo_id), tasks, include_path=include_path, limit=limit, device=device, token=token)
-    parent_scores = {}
-    for parent in parent_ids:
-        say(f"evaluating parent {parent}")
-        parent_scores[parent] = run_harness(local(parent), tasks, include_path=include_path, limit=limit,
-                                            device=device, token=token)
+    models = [repo_id, *parent_ids]
+    results: dict[str, Scores] = {}
+    for i, name in enumerate(models):
+        say(f"evaluating {'parent ' if i else ''}{name} on {', '.join(tasks)} ({i + 1} of {len(models)})",
+            i / len(models))
+        results[name] = run_harness(local(name), tasks, include_path=include_path, limit=limit, device=device,
+                                    token=token)
+    scores = results.pop(repo_id)
     if push:
-        text = with_table(Path(card_path).read_text(encoding="utf-8"),
-                          results_table(repo_id, scores, parent_scores, limit=limit))
+        text = with_table(card_path.read_text(encoding="utf-8"), results_table(repo_id, scores, results, limit=limit))
         ops = [CommitOperationAdd("README.md", text.encode("utf-8"))]
         ops += [CommitOperationAdd(name, body.encode("utf-8")) for name, body in
                 eval_results_files(scores, source_url=f"{hub_endpoint()}/{repo_id}").items()]
-        say("committing the results")
-        _call(lambda: _api(token).create_commit(repo_id, ops, commit_message="Benchmark results (lm-eval)"),
-              repo_id=repo_id, token=token, verb="write")
-    return scores, parent_scores
+        say("committing the results (card table and .eval_results/)", 1.0)
+        if committing:
+            committing(True)
+        try:
+            _call(lambda: _api(token).create_commit(repo_id, ops, commit_message="Benchmark results (lm-eval)"),
+                  repo_id=repo_id, token=token, verb="write")
+        finally:
+            if committing:
+                committing(False)
+    return scores, results
