@@ -420,6 +420,9 @@ def test_results_have_verdicts_and_download_links(page, served) -> None:  # noqa
     verdicts = result.locator("tr", has_text=".gguf").locator("td:nth-child(2) strong").all_inner_texts()
     assert verdicts and all(v.startswith(("✓", "✗")) for v in verdicts), verdicts
     assert "falls back" in result.inner_text() or "fallback" in result.inner_text()  # 64-wide rows: not K-quants
+    # table headers never wrap inside a word ("verdi / ct" on a desktop before)
+    assert set(result.locator("th").evaluate_all("hs => hs.map(h => getComputedStyle(h).whiteSpace)")) == {"nowrap"}
+    assert "<code>" not in result.inner_text()  # the evaluation's samples are rendered as code, not shown raw
     link = result.locator("a", has_text="config.json").first
     href = link.get_attribute("href")
     body = page.evaluate("h => fetch(h).then(r => r.ok ? r.text() : 'HTTP ' + r.status)", href)

@@ -245,6 +245,9 @@ def test_the_app_result_leads_with_a_broken_verdict(pair: dict[str, Path], tmp_p
     md = demo.render_outcome(Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), outcome))
     assert md.startswith(f"### ⚠ Merged in 1.0 s, but {broken}")
     assert "| **this merge** | 9000 |" in md and "> **Warning" not in md
+    # samples quoted as code under a header that says what they are (issue 15: garbled text shown raw)
+    assert "| model | perplexity | sample (greedy, tiny models write gibberish) |" in md
+    assert "| **this merge** | 9000 | <code>&#x27;ssss&#x27;</code> |" in md
     assert md.count("looks broken") == 1 and "- ⚠ another warning" in md
     good = Outcome((), "card", (), {}, (), tmp_path, 1.0, table, None)
     assert demo.render_outcome(Snapshot("j", DONE, "done", 1.0, "", 0, 0, None, (), good)).startswith("### ✓ Merged")

@@ -37,6 +37,7 @@ input::placeholder, textarea::placeholder { color: #4b5563 !important; opacity: 
 #editor .cm-content .tok-propertyName, #editor .cm-content .ͼl, #editor .cm-content .ͼm { color: #7c2d12; }
 .report-table { overflow-x: auto; max-width: 100%; }
 .report-table td, .report-table th { white-space: nowrap; }
+#result th { white-space: nowrap; }
 #hub-suggest, #model-suggest { margin-top: -6px; }
 .msg * { color: inherit !important; }
 /* Dark theme (gradio puts .dark on <body>): one selector per rule, as gradio mis-scopes ".dark a, .dark b". */

@@ -126,8 +126,29 @@ def render_outcome(snap: Snapshot, done: str = "Merged") -> str:
                       "reference, perplexity, a greedy sample)", "", *_sanity_rows(o.sanity)]
     if o.quality:
         lines += ["", "**Evaluation**: the merge against its parents", "",
-                  *[line for line in o.quality if not line.startswith("> **Warning")]]
+                  *_quality_rows([line for line in o.quality if not line.startswith("> **Warning")])]
     return "\n".join(lines)
+
+
+_QUALITY_ROW = re.compile(r"^\| (?P<head>.*?) \| (?P<ppl>[^|]*) \| (?P<sample>.*) \|$")
+
+
+def _quality_rows(table: list[str]) -> list[str]:
+    """The evaluation table (merger.eval.quality) for the page: its samples quoted as code, shortened,
+    under a header that says what they are (a tiny model's greedy text is gibberish, not a failure)."""
+    out = []
+    for line in table:
+        if line == "| model | perplexity | sample |":
+            out.append("| model | perplexity | sample (greedy, tiny models write gibberish) |")
+            continue
+        m = _QUALITY_ROW.match(line)
+        if m is None or line.startswith("|---") or not m.group("sample"):
+            out.append(line)
+            continue
+        sample = m.group("sample")
+        shown = sample[:60] + ("…" if len(sample) > 60 else "")
+        out.append(f"| {m.group('head')} | {m.group('ppl')} | <code>{html.escape(shown)}</code> |")
+    return out
 
 
 def card_markdown(card: str) -> str:
