@@ -24,6 +24,7 @@ from .budget import default_budget, element_cost
 from .methods import Method, get_method
 from .methods.blocks import Job, Layout, Span, slice_span
 from .recipe import InputModel, ModelRef, Recipe, Slice, resolve_parameter
+from .recipe_tokens import TokenSetting, resolve_row
 from .sources import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPES
 
 RECIPE_TO_SAFETENSORS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
@@ -59,6 +60,9 @@ class VocabMap:
     index: tuple[torch.Tensor, ...]
     donors: torch.Tensor  # bool [inputs, rows]
     pad: int = 0  # rows appended past the vocabulary (pad_to_multiple_of): each input's mean row
+    fill: torch.Tensor | None = None  # bool [inputs, rows]: rows replaced by the donors' mean (None: index < 0)
+    lent: Mapping[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (input, row) staged from
+    # (another source, its row): a model_token row whose model keeps its own row for the token
 
 
 @dataclass(frozen=True)
@@ -275,7 +279,8 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
         raise ModelError(f"tokenizer_source {source} must be one of the merged models")
     if source == "union" and union_vocab is None:
         raise ModelError("tokenizer_source: union needs the union vocabulary (merger.tokenizer.build_union)")
-    out_vocab = dict(union_vocab) if source == "union" else _usable_vocab(vocabs[src_model], infos[src_model])
+    # union_vocab: the union, or another source's vocabulary with the new tokens of tokenizer.tokens
+    out_vocab = dict(union_vocab) if union_vocab is not None else _usable_vocab(vocabs[src_model], infos[src_model])
     out_rows = len(out_vocab)  # as mergekit: one row per token, padding rows past the tokenizer dropped
     if any(i >= out_rows for i in out_vocab.values()):
         raise ModelError(f"the tokenizer of {src_model} has gaps in its token ids; it cannot define the "
@@ -294,9 +299,56 @@ def _vocab_plan(recipe: Recipe, name: str, sources: list[SourceTensor], base: Mo
         shared = (present.sum(0) > 1) & present[base_at]
         donors[:, shared] = False
         donors[base_at, shared] = True
+    fill = ~present
+    lent: dict[tuple[int, int], tuple[int, int]] = {}
+    for token, setting in recipe.tokens:
+        _token_setting(token, setting, out_vocab, sources, vocabs, index, present, donors, fill, lent, name,
+                       warnings)
     multiple = recipe.pad_to_multiple_of
     pad = (-out_rows) % multiple if multiple else 0
-    return (out_rows + pad, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors, pad)
+    return (out_rows + pad, *sources[0].ref.shape[1:]), None, VocabMap(tuple(index), donors, pad, fill, lent)
+
+
+def _token_setting(token: str, setting: TokenSetting, out_vocab: Mapping[str, int], sources: list[SourceTensor],
+                   vocabs: Mapping[ModelRef, Mapping[str, int]], index: list[torch.Tensor], present: torch.Tensor,
+                   donors: torch.Tensor, fill: torch.Tensor, lent: dict[tuple[int, int], tuple[int, int]], name: str,
+                   warnings: list[str]) -> None:
+    """One `tokenizer.tokens` entry, as mergekit 0.1.5's PermutedEmbeddings: the models that lack the token
+    (with force: all of them) take its source's row; a token every model has is left alone unless forced."""
+    r = out_vocab.get(token)
+    if r is None:
+        msg = f"tokenizer.tokens: '{token}' is not in the output vocabulary; its setting is ignored"
+        if msg not in warnings:
+            warnings.append(msg)
+        return
+    if not setting.force and bool(present[:, r].all()):
+        return
+    fill[:, r] = True if setting.force else ~present[:, r]
+    donors[:, r] = False
+    if setting.kind == "zero":
+        return
+    k = next((k for k, x in enumerate(sources) if x.model == setting.model), None)
+    if k is None:
+        raise ModelError(f"tokenizer.tokens['{token}'] takes its embedding from {setting.model}, which has no "
+                         f"{name} in this merge")
+    if setting.kind == "model":
+        if not present[k, r]:
+            raise ModelError(f"tokenizer.tokens['{token}']: {setting.model} has no token '{token}'; take it from "
+                             "a model that has it, or use {kind: model_token, ...}")
+    else:
+        row = resolve_row(token, setting, vocabs.get(setting.model), sources[k].ref.shape[0], setting.model)
+        if not fill[k, r] and int(index[k][r]) != row:  # k keeps its own row: one that lacks it carries k's
+            ref = sources[k].ref
+            carrier = next((j for j in range(len(sources)) if fill[j, r] and sources[j].ref.dtype == ref.dtype
+                            and sources[j].ref.shape[1:] == ref.shape[1:]), None)
+            if carrier is None:
+                raise ModelError(f"tokenizer.tokens['{token}']: {setting.model} keeps its own row for '{token}' "
+                                 "and its other row cannot be staged here (the models' dtypes differ); add force: true")
+            lent[(carrier, r)] = (k, row)
+            donors[carrier, r] = True
+            return
+        index[k][r] = row
+    donors[k, r] = True
 
 
 def _usable_vocab(vocab: Mapping[str, int], info: arch.ModelInfo) -> dict[str, int]:
@@ -605,22 +657,22 @@ class MergeRunner:
 def _row_runs(out: PlannedOutput, j: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
     """Where input j's rows [r0, r1) of output `out` come from: runs (source position, first, stop) of
     consecutive stored rows. Without a vocabulary map that is one run of the input's own rows; with
-    one, output row r is input row index[r]. Rows of tokens the input lacks, and padding rows, are
-    filled after staging (`_complete_vocab`): any stored row holds their place, the next one when it
-    continues the run."""
+    one, output row r is input row index[r], or the row another source lends it (vocab.lent). Rows of
+    tokens the input lacks, and padding rows, are filled after staging (`_complete_vocab`): any stored
+    row holds their place, the next one when it continues the run."""
     if out.vocab is None:
         return [(j, r0, r1)]
-    index = out.vocab.index[j]
-    stored_rows = out.sources[j].ref.shape[0]
+    index, lent = out.vocab.index[j], out.vocab.lent
     runs: list[tuple[int, int, int]] = []
     for r in range(r0, r1):
-        row = int(index[r]) if r < len(index) else -1
+        source, row = lent.get((j, r)) or (j, int(index[r]) if r < len(index) else -1)
         if row < 0:  # a placeholder
-            row = runs[-1][2] if runs and runs[-1][2] < stored_rows else 0
-        if runs and runs[-1][2] == row:
-            runs[-1] = (j, runs[-1][1], row + 1)
+            source, row = (runs[-1][0], runs[-1][2]) if runs and runs[-1][2] < out.sources[runs[-1][0]].ref.shape[0] \
+                else (j, 0)
+        if runs and runs[-1][0] == source and runs[-1][2] == row:
+            runs[-1] = (source, runs[-1][1], row + 1)
         else:
-            runs.append((j, row, row + 1))
+            runs.append((source, row, row + 1))
     return runs
 
 
@@ -634,7 +686,8 @@ def _complete_vocab(tensors: list[torch.Tensor], vocab: VocabMap, rows: tuple[in
     device = tensors[0].device
     stop = min(r1, n_vocab)
     if stop > r0:
-        missing = [(i[r0:stop] < 0).to(device) for i in vocab.index[:len(tensors)]]
+        missing = [(vocab.fill[k, r0:stop] if vocab.fill is not None else i[r0:stop] < 0).to(device)
+                   for k, i in enumerate(vocab.index[:len(tensors)])]
         if any(bool(m.any()) for m in missing):
             _fill_missing([t[:stop - r0] for t in tensors], missing, vocab.donors[:len(tensors), r0:stop].to(device))
     if r1 > n_vocab:

@@ -136,6 +136,8 @@ def merge_local(recipe: Recipe, folders: Mapping[ModelRef, Path], out_dir: Path,
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
     if recipe.tokenizer_source == "union":
         union = _union(recipe, infos, folders)
+    if recipe.tokens:
+        union = _with_new_tokens(recipe, union, vocabs, infos)
     plan = plan_merge(recipe, infos, vocabs=vocabs, union_vocab=union.vocab if union else None)
     tmp = prepare_output(out_dir, overwrite=overwrite)
     readers = {}
@@ -212,6 +214,32 @@ def _union(recipe: Recipe, infos: Mapping[ModelRef, arch.ModelInfo], folders: Ma
     return build_union(folders[refs[0]], rows[refs[0]], [(folders[r], rows[r]) for r in refs[1:]])
 
 
+def _with_new_tokens(recipe: Recipe, union: Any, vocabs: Mapping[ModelRef, Mapping[str, int]],
+                     infos: Mapping[ModelRef, arch.ModelInfo]) -> Any:
+    """The output vocabulary plus each `tokenizer.tokens` key it lacks, appended in recipe order as
+    plain added tokens (mergekit 0.1.5 adds them with add_tokens); None when nothing is new and the
+    source's own tokenizer is the output's."""
+    from .engine import _usable_vocab
+    from .tokenizer import UnionTokenizer
+
+    if union is None:
+        source = recipe.tokenizer_source
+        src = source if isinstance(source, ModelRef) else (recipe.base_model or recipe.referenced_models()[0])
+        if src not in vocabs or src not in infos:
+            return None  # the plan says what is missing
+        vocab = _usable_vocab(vocabs[src], infos[src])
+        if all(token in vocab for token, _ in recipe.tokens):
+            return None
+        union = UnionTokenizer(vocab, ())
+    vocab, appended = dict(union.vocab), list(union.appended)
+    for token, _ in recipe.tokens:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+            appended.append({"id": vocab[token], "content": token, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": True, "special": False})
+    return UnionTokenizer(vocab, tuple(appended))
+
+
 def _write_tokenizer_and_recipe(recipe: Recipe, plan: MergePlan, folders: Mapping[ModelRef, Path],
                                 tmp: Path, union: Any = None) -> list[str]:
     """Generation config and tokenizer of the reference (or tokenizer_source) model, and the recipe."""
@@ -224,8 +252,9 @@ def _write_tokenizer_and_recipe(recipe: Recipe, plan: MergePlan, folders: Mappin
         shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
         files.append("generation_config.json")
     tok_src = recipe.tokenizer_source if isinstance(recipe.tokenizer_source, ModelRef) else plan.reference
-    if union is not None:
+    if recipe.tokenizer_source == "union":
         tok_src = recipe.referenced_models()[0]
+    if union is not None:
         write_union_tokenizer(folders[tok_src], union, tmp, TOKENIZER_FILES)
     files += copy_tokenizer(folders[tok_src], tmp, recipe.chat_template, keep=union is not None)
     (tmp / RECIPE_FILE).write_text(recipe.text if recipe.text.endswith("\n") else recipe.text + "\n",

@@ -21,6 +21,7 @@ import yaml
 
 from . import recipe_compat as compat
 from .errors import RecipeError
+from .recipe_tokens import TokenSetting, check_token_models, parse_tokens
 from .output import CHAT_TEMPLATES as NAMED_CHAT_TEMPLATES
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -101,6 +102,7 @@ class Recipe:
     text: str
     warnings: tuple[str, ...] = ()  # keys mergekit ignores, each with its likely fix
     pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: embedding rows rounded up
+    tokens: tuple[tuple[str, TokenSetting], ...] = ()  # tokenizer.tokens: per-token embedding sources
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe needs, base first, each once, in order of appearance."""
@@ -111,6 +113,13 @@ class Recipe:
         if isinstance(self.tokenizer_source, ModelRef):
             candidates.append(self.tokenizer_source)
         return list(dict.fromkeys(ref for ref in candidates if ref is not None))  # stays linear for 10^4 entries
+
+    def merged_models(self) -> list[ModelRef]:
+        """The models whose weights are merged (base and inputs), each once."""
+        candidates = [self.base_model] + [m.model for m in self.models]
+        for s in self.slices or ():
+            candidates += [s.base_model] + [src.model for src in s.sources]
+        return list(dict.fromkeys(ref for ref in candidates if ref is not None))
 
     @property
     def output_dtype(self) -> str | None:
@@ -131,7 +140,7 @@ class Recipe:
         tok = sub(self.tokenizer_source) if isinstance(self.tokenizer_source, ModelRef) else self.tokenizer_source
         return Recipe(self.method, sub(self.base_model), tuple(sub_input(m) for m in self.models), slices,
                       self.params, self.dtype, self.out_dtype, tok, self.chat_template, self.text, self.warnings,
-                      self.pad_to_multiple_of)
+                      self.pad_to_multiple_of, tuple((t, s.with_model(sub)) for t, s in self.tokens))
 
 
 # ---------------------------------------------------------------- safe YAML
@@ -498,6 +507,8 @@ def _parse(text: str, allow_local: bool, base_dir: str | Path | None, warnings: 
     out_dtype = _dtype(data, "out_dtype")
     tokenizer_source = _tokenizer_source(data, ref, warnings)
     pad = data["tokenizer"].get("pad_to_multiple_of") if isinstance(data.get("tokenizer"), dict) else None
+    tokens = parse_tokens(data["tokenizer"].get("tokens"), ref, warnings) if isinstance(data.get("tokenizer"), dict) \
+        else ()
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise RecipeError(f"tokenizer.pad_to_multiple_of must be a positive whole number, like 64, not '{_short(pad)}'")
     chat_template = data.get("chat_template")
@@ -510,11 +521,12 @@ def _parse(text: str, allow_local: bool, base_dir: str | Path | None, warnings: 
         raise RecipeError("name must be a string")
 
     recipe = Recipe(method.name, base, tuple(models), tuple(slices) if slices is not None else None,
-                    top, dtype, out_dtype, tokenizer_source, chat_template, text, tuple(warnings), pad)
+                    top, dtype, out_dtype, tokenizer_source, chat_template, text, tuple(warnings), pad, tokens)
     if len(recipe.referenced_models()) > MAX_MODELS:
         raise RecipeError(f"the recipe names {len(recipe.referenced_models())} different models; at most "
                           f"{MAX_MODELS} can be merged in one recipe")
     _validate_structure(recipe, method)
+    check_token_models(tokens, recipe.merged_models())
     return recipe
 
 
@@ -545,8 +557,6 @@ def _tokenizer_source(data: dict, ref: Any, warnings: list[str]) -> str | ModelR
     value = data.get("tokenizer_source")
     if data.get("tokenizer") is not None:
         tokenizer = compat.known_keys("tokenizer", data["tokenizer"], TOKENIZER_KEYS, warnings)
-        if tokenizer.get("tokens") is not None:
-            raise RecipeError("tokenizer.tokens is not supported yet; remove it, or merge with mergekit")
         value = tokenizer.get("source", "union")  # mergekit's default source
     if value is None:
         return None

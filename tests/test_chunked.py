@@ -14,7 +14,7 @@ from merger.budget import ElementCost, element_cost, memory_needed
 from merger.engine import MergeRunner, plan_merge
 from merger.methods import METHODS, MergeInputs
 from merger.methods.blocks import GRANULE, Layout, Sums, Job, slice_span
-from merger.pipeline import _union, inspect_models, resolve_local
+from merger.pipeline import _union, _with_new_tokens, inspect_models, resolve_local
 from merger.recipe import parse_recipe
 from merger.sources import open_reader
 from tests.test_tokenizer_parity import _with_tokens
@@ -168,6 +168,27 @@ base_model: {base}
 tokenizer: {{source: union, pad_to_multiple_of: 96}}
 dtype: float32
 """,
+    # tokenizer.tokens: rows forced to zero, to another model's row, to another token's row (by name and by id)
+    "ties_union_tokens": """models:
+  - model: {base}
+  - model: {tok_a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {tok_b}
+    parameters: {{weight: 0.4, density: 0.7}}
+merge_method: ties
+base_model: {base}
+tokenizer:
+  source: union
+  tokens:
+    "</s>": {{source: {{kind: zero}}, force: true}}
+    "<unk>": {{source: {tok_b}, force: true}}
+    "<|b1|>": {{source: {{kind: model_token, model: {tok_a}, token_id: 5}}}}
+    "<|b2|>": {{source: {{kind: model_token, model: {base}, token: "<s>"}}, force: true}}
+    "<|a2|>": {{source: {tok_a}}}
+    "<|a1|>": {{source: {{kind: model_token, model: {tok_a}, token: "<|a2|>"}}}}
+    "<|new|>": {{source: {{kind: model_token, model: {tok_b}, token: "<|b1|>"}}}}
+dtype: float32
+""",
 }
 
 
@@ -180,6 +201,7 @@ def _run(recipe_text: str, budget: int | None) -> tuple[dict[str, torch.Tensor],
         from merger.pipeline import load_vocab
         vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
     union = _union(recipe, infos, folders) if recipe.tokenizer_source == "union" else None
+    union = _with_new_tokens(recipe, union, vocabs, infos) if recipe.tokens else union
     plan = plan_merge(recipe, infos, vocabs=vocabs, union_vocab=union.vocab if union else None)
     readers = {ref: open_reader(folders[ref]) for ref in infos}
     parts: dict[str, list[torch.Tensor]] = {}
@@ -220,6 +242,10 @@ def test_engine_output_is_identical_under_any_budget(name: str, family) -> None:
     if name == "ties_union_pad":
         vocab = runner.plan.outputs[0].vocab
         assert vocab.pad > 0 and bool((torch.stack(vocab.index) < 0).any())  # padding and missing rows exist
+    if name == "ties_union_tokens":
+        fill = runner.plan.outputs[0].vocab.fill
+        assert bool(fill[:, 2].all()) and bool(fill[:, 0].all())  # forced rows of tokens every model has
+        assert runner.plan.outputs[0].vocab.lent  # the base carries tok_a's <|a2|> row for <|a1|>
     for budget in (200_000, 20_000, 2_000):  # the last one is below a row of the widest tensors
         got, chunked = _run(text, budget)
         assert chunked.blocks > len(runner.plan.outputs)  # some tensors were cut (all at the smallest)

@@ -184,8 +184,26 @@ def test_mapping_model_reference_with_a_revision() -> None:
     ("merge_method: linear\nmodels: [a/b]\n---\nmerge_method: slerp\n", "several YAML documents"),
     ("merge_method: frankenmoe_glue\nmodels: [a/b]\n", "mergekit 0.1.5's methods, all supported here, are: arcee_fusion"),
     ("merge_method: della_ties\nmodels: [a/b]\n", "did you mean 'dare_ties'.*methods of mergekit forks are not"),
-    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {tokens: {x: {source: a/b}}}\n",
-     "tokenizer.tokens is not supported yet"),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: e/f}}}\n",
+     "tokenizer.tokens\\['x'\\] takes its embedding from e/f, which is not merged here; use one of: a/b, c/d"),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: {kind: model_token, model: e/f, token: y}}}}\n",
+     'takes its embedding from e/f, which is not merged'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: {kind: mean}}}}\n",
+     "tokenizer.tokens\\['x'\\].source kind 'mean' is unknown; use 'zero' or 'model_token'"),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: {kind: model_token, model: a/b}}}}\n",
+     'needs exactly one of token and token_id'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: {kind: model_token, model: a/b, token: y, token_id: 3}}}}\n",
+     'needs exactly one of token and token_id'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: {kind: model_token, model: a/b, token_id: -1}}}}\n",
+     'token_id must be a row number'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: {kind: model_token, token: y}}}}\n",
+     'kind model_token needs a model'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {source: a/b, force: 1}}}\n",
+     'force must be true or false'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: {force: true}}}\n",
+     'needs a source'),
+    ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer: {tokens: {x: [a/b]}}\n",
+     "tokenizer.tokens\\['x'\\] must be a mapping"),
     ("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b]\ntokenizer: {pad_to_multiple_of: 0}\n",
      "pad_to_multiple_of must be a positive whole number"),
 ])
@@ -236,3 +254,19 @@ def test_check_resolves_parameters_when_vocabularies_differ(tmp_path: Path) -> N
     report = check_recipe(parse_recipe(text))
     assert any("parameter 't' has no value for tensor model.embed_tokens.weight" in p.message
                for p in report.problems if p.severity == "error")
+
+
+def test_token_settings_are_parsed_like_mergekits() -> None:
+    from merger.recipe_tokens import TokenSetting
+
+    recipe = parse_recipe("merge_method: linear\nparameters: {weight: 1}\nmodels: [a/b, c/d]\ntokenizer:\n"
+                          "  tokens:\n    x: {source: {kind: zero}, force: true}\n    y: {source: c/d}\n"
+                          "    '<z>': {source: {kind: model_token, model: a/b, token: w}}\n"
+                          "    v: {source: {kind: model_token, model: a/b, token_id: 7}, force: false}\n")
+    models = recipe.merged_models()
+    assert recipe.tokenizer_source == "union"
+    assert recipe.tokens == (("x", TokenSetting("zero", force=True)), ("y", TokenSetting("model", models[1])),
+                             ("<z>", TokenSetting("model_token", models[0], "w")),
+                             ("v", TokenSetting("model_token", models[0], token_id=7)))
+    moved = recipe.with_models({models[0]: models[1]})
+    assert moved.tokens[2][1].model == models[1] and moved.tokens[1][1].model == models[1]

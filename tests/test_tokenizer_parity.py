@@ -156,3 +156,101 @@ def test_union_takes_a_model_without_tokenizer_json_to_share_the_bases(trio, tmp
     assert len(union.vocab) == rows + 3 and [e["content"] for e in union.appended] == ["<|a1|>", "<|b1|>", "<|b2|>"]
     with pytest.raises(MergerError, match="needs a tokenizer.json"):
         build_union(bare, rows, [(trio["B"], rows + 3)])
+
+
+def _token_recipe(trio, source: str) -> tuple[str, list[str]]:
+    """linear over BASE, A, B with `tokenizer.tokens`: a token every model has forced to zero, one forced
+    to A's row, a token only B has lent A's <|a2|> row (BASE and A lack it), a new token (only B) forced
+    to BASE's row 3 for every model, <|a1|> (A and B) lent A's <|a2|> row for BASE while A keeps its own
+    <|a1|>, <|a2|> taken from A, its only model, and <|new|>, no model's token, which the output tokenizer
+    gains (as mergekit's add_tokens), forced to B's <|b2|> row."""
+    base_tok = transformers.AutoTokenizer.from_pretrained(trio["BASE"])
+    common = base_tok.convert_ids_to_tokens([10, 11])
+    a, b, base = (str(trio[k]) for k in ("A", "B", "BASE"))
+    tokens = {
+        common[0]: {"source": {"kind": "zero"}, "force": True},
+        common[1]: {"source": a, "force": True},
+        "<|b1|>": {"source": {"kind": "model_token", "model": a, "token": "<|a2|>"}},
+        "<|b2|>": {"source": {"kind": "model_token", "model": base, "token_id": 3}, "force": True},
+        "<|a1|>": {"source": {"kind": "model_token", "model": a, "token": "<|a2|>"}},  # A keeps its own <|a1|>
+        "<|a2|>": {"source": a},  # only A has it (with source B, B's tokenizer gains it)
+        "<|new|>": {"source": {"kind": "model_token", "model": b, "token": "<|b2|>"}, "force": True},  # no model's
+    }
+    text = (f"models:\n  - {{model: {base}, parameters: {{weight: 0.2}}}}\n  - {{model: {a}, parameters: "
+            f"{{weight: 0.5}}}}\n  - {{model: {b}, parameters: {{weight: 0.3}}}}\nmerge_method: linear\n"
+            f"base_model: {base}\ndtype: float32\n"
+            f"tokenizer: {json.dumps({'source': source if source == 'union' else trio[source].as_posix(), 'tokens': tokens})}\n")
+    return text, common
+
+
+@pytest.mark.parametrize("source", ["union", "B"])
+def test_token_settings_match_mergekit(source: str, trio, tmp_path: Path) -> None:
+    """tokenizer.tokens (zero, a model's row, a model's other token, force) equals mergekit 0.1.5 token
+    by token, and the rows are what the settings say."""
+    text, common = _token_recipe(trio, source)
+    ours, theirs, _ = run_both(text, tmp_path)
+    ours_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    theirs_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "theirs").get_vocab()
+    assert set(ours_vocab) == set(theirs_vocab)
+    tokens = sorted(ours_vocab)
+    for tensor in ours:
+        a, b = ours[tensor], theirs[tensor]
+        assert a.shape == b.shape, tensor
+        if a.shape[0] == len(tokens):
+            a, b = a[[ours_vocab[t] for t in tokens]], b[[theirs_vocab[t] for t in tokens]]
+        assert (ulps(a, b) > 1.01).sum() == 0, tensor
+    e = {k: weights(trio[k])["model.embed_tokens.weight"].float() for k in ("BASE", "A", "B")}
+    out = ours["model.embed_tokens.weight"]
+    rows = trio["rows"]
+    assert not out[ours_vocab[common[0]]].any()
+    torch.testing.assert_close(out[ours_vocab[common[1]]], e["A"][11])
+    torch.testing.assert_close(out[ours_vocab["<|b2|>"]], e["BASE"][3])
+    torch.testing.assert_close(out[ours_vocab["<|new|>"]], e["B"][rows + 2])
+    torch.testing.assert_close(out[ours_vocab["<|a2|>"]], e["A"][rows + 1])
+    assert ours_vocab["<|new|>"] == len(ours_vocab) - 1
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").vocab_size == len(ours_vocab) == out.shape[0]
+    torch.testing.assert_close(out[ours_vocab["<|b1|>"]], 0.7 * e["A"][rows + 1] + 0.3 * e["B"][rows + 1],
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[ours_vocab["<|a1|>"]], 0.2 * e["A"][rows + 1] + 0.5 * e["A"][rows] + 0.3 * e["B"][rows],
+                               rtol=1e-5, atol=1e-6)
+
+
+def _plan(text: str):
+    from merger.engine import plan_merge
+    from merger.pipeline import inspect_models, load_vocab, resolve_local
+    from merger.recipe import parse_recipe
+
+    recipe = parse_recipe(text)
+    folders = resolve_local(recipe)
+    infos = inspect_models(recipe, folders, allow_bin=False)
+    vocabs = {ref: v for ref in infos if (v := load_vocab(folders[ref])) is not None}
+    return plan_merge(recipe, infos, vocabs=vocabs)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ('{"source": {"kind": "model_token", "model": "A", "token": "<|zz|>"}}',
+     r"tokenizer.tokens\['<\|b1\|>'\]: the tokenizer of .*a has no token '<\|zz\|>'"),
+    ('{"source": {"kind": "model_token", "model": "A", "token_id": 100000}}',
+     r"token id 100000 is out of range for .*a, whose embeddings have \d+ rows"),
+    ('{"source": "A"}', r"tokenizer.tokens\['<\|b1\|>'\]: .*a has no token '<\|b1\|>'"),
+])
+def test_token_settings_that_cannot_apply_are_refused_in_one_line(setting: str, message: str, trio) -> None:
+    setting = setting.replace('"A"', json.dumps(str(trio["A"]))).replace('"B"', json.dumps(str(trio["B"])))
+    text = (f"models:\n  - {{model: {trio['A']}}}\n  - {{model: {trio['B']}}}\nmerge_method: linear\n"
+            f"parameters: {{weight: 0.5}}\ntokenizer: {{source: {trio['B']}, tokens: {{'<|b1|>': {setting}}}}}\n")
+    with pytest.raises(MergerError, match=message) as e:
+        _plan(text)
+    assert "\n" not in str(e.value)
+
+
+def test_a_lent_row_across_dtypes_is_refused_in_one_line(trio, tmp_path: Path) -> None:
+    """B keeps its own <|b1|> and lends its <|a1|> row to C, which lacks <|b1|>: C's embedding read
+    carries B's row, so they must share a dtype (C is bfloat16, B float16)."""
+    c = _with_tokens(make_tiny_model(tmp_path / "c", "llama", seed=8, vocab=trio["rows"] + 2,
+                                     dtype=torch.bfloat16), ["<|a1|>", "<|a2|>"])
+    setting = f"{{source: {{kind: model_token, model: {trio['B']}, token: '<|a1|>'}}}}"
+    text = (f"models:\n  - {{model: {c}}}\n  - {{model: {trio['B']}}}\nmerge_method: linear\n"
+            f"parameters: {{weight: 0.5}}\ntokenizer: {{source: {trio['B']}, tokens: {{'<|b1|>': {setting}}}}}\n")
+    with pytest.raises(MergerError, match=r"keeps its own row for '<\|b1\|>' and its other row cannot be staged "
+                                          r"here \(the models' dtypes differ\); add force: true"):
+        _plan(text)
