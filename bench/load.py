@@ -36,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import unquote
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -305,7 +306,12 @@ def audit(user: User) -> None:
         p.append(f"output folder {user.out_dir.name} is not {user.name}")
     on_disk = sorted(f.relative_to(user.out_dir).as_posix() for f in user.out_dir.rglob("*") if f.is_file())
     table = result.split("| file | size |", 1)[-1].split("\n\n", 1)[0]  # not the GGUF sanity table
-    listed = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
+    # a row names its file as `code`, or (local mode) as a download link served from this user's own folder
+    rows = re.findall(r"^\| (?:`([^`]+)`|\[([^\]]+)\]\(gradio_api/file=([^)]+)\)) \|", table, re.MULTILINE)
+    listed = [code or name for code, name, _ in rows]
+    for _, name, link in rows:
+        if link and Path(unquote(link)) != user.out_dir / name:
+            p.append(f"the download link of {name} is {unquote(link)}, not in {user.out_dir}")
     if sorted(listed) != on_disk:
         p.append(f"result lists {listed}, folder holds {on_disk}")
     config = user.out_dir / "mergekit_config.yml"
