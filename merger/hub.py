@@ -1,104 +1,43 @@
-"""The Hugging Face Hub side of a merge: pin revisions, read metadata without weights, fetch, publish.
+"""The Hugging Face Hub side of a merge: pin revisions, read metadata without weights, fetch.
 
 Everything goes through `huggingface_hub`. The endpoint (HF_ENDPOINT) and cache (HF_HUB_CACHE, HF_HOME)
-are read at call time, so tests and Spaces can point them elsewhere after import. The token is always
-passed explicitly (OAuth in the app, --token/HF_TOKEN in the CLI); None means anonymous, never the
-machine's stored token, so a Space never acts with its owner's credentials. It is never logged and
-never appears in an error message: every failure becomes one HubError line a person can act on.
+are read at call time (merger.hub_env), so tests and Spaces can point them elsewhere after import. The
+token is always passed explicitly (OAuth in the app, --token/HF_TOKEN in the CLI); None means anonymous,
+never the machine's stored token, so a Space never acts with its owner's credentials. It is never logged
+and never appears in an error message: every failure becomes one HubError line a person can act on
+(merger.hub_errors). Publishing is merger.publish.
 """
 
 from __future__ import annotations
 
-import difflib
-import errno
 import json
 import os
-import re
 import shutil
 import struct
-import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Mapping
 
-import httpx2
-from huggingface_hub import (
-    CommitOperationAdd,
-    CommitOperationDelete,
-    HfApi,
-    ModelCard,
-    hf_hub_download,
-    hf_hub_url,
-    snapshot_download,
-    try_to_load_from_cache,
-)
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-from .card import MOE_RECIPE_FILE, RECIPE_FILE, TOOL_TAG, GGUFFileInfo, ParentInfo, build_gguf_card
-from .errors import HubError, MergerError, ModelError
+from .card import ParentInfo
+from .errors import HubError, ModelError
+from .hub_env import DEFAULT_ENDPOINT, Progress, _api, hub_cache_dir, hub_endpoint, job_cache  # noqa: F401
+from .hub_errors import (MAX_RETRY_AFTER, RETRY_DELAYS, _call, _hub_error, _root_cause, _status,  # noqa: F401
+                         suggest_repos)
 from .output import TOKENIZER_FILES
+from .publish import WRITE_ROLES, PushResult, check_write_access, push_folder, validate_repo_id  # noqa: F401
 from .recipe import ModelRef, parse_model_ref
 from .sources import (INDEX_FILE, MAX_HEADER_BYTES, SINGLE_FILE, TensorHeader, parse_header_bytes,
                       read_safetensors_header)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
-RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)  # waits before the 2nd, 3rd, 4th attempt of a transient failure
-MAX_RETRY_AFTER = 60.0  # a rate limit asking for a longer wait is reported instead of waited out
+# Publishing lives in merger.publish, error handling in merger.hub_errors, endpoint and cache in
+# merger.hub_env; their public names stay importable from here. Patch a name where it is defined.
 CONFIG_FILES = ("config.json", "generation_config.json")
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_SINGLE_FILE = "pytorch_model.bin"
-_REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-WRITE_ROLES = ("admin", "write", "contributor")
-
-Progress = Callable[[int, int | None], None]  # (bytes done, bytes total or None when not known yet)
-T = TypeVar("T")
-
-
-def hub_endpoint() -> str:
-    """The Hub URL in effect now (HF_ENDPOINT, else the public Hub)."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-_JOB_CACHE: ContextVar[Path | None] = ContextVar("merger_hub_job_cache", default=None)
-
-
-@contextmanager
-def job_cache(folder: str | Path) -> Iterator[Path]:
-    """Within this block (in this thread), downloads go to `folder`, a cache one job owns and removes.
-
-    On a Space each job downloads into its own folder: nothing one user fetched is ever read by another
-    job (a read pinned to a commit sha is served from a shared cache without asking the Hub), and the
-    disk holds no parents once the job is over.
-    """
-    reset = _JOB_CACHE.set(Path(folder))
-    try:
-        yield Path(folder)
-    finally:
-        _JOB_CACHE.reset(reset)
-
-
-def hub_cache_dir() -> Path:
-    """The download cache in effect now: the job's own (job_cache), else HF_HUB_CACHE, else HF_HOME/hub."""
-    own = _JOB_CACHE.get()
-    if own is not None:
-        return own
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
 
 
 @dataclass(frozen=True)
@@ -134,14 +73,6 @@ class RemoteMetadata:
     tokenizer_config: dict[str, Any] | None
     headers: dict[str, TensorHeader]
     weight_files: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PushResult:
-    repo_url: str
-    commit_sha: str
-    gguf_repo_url: str | None = None
-    gguf_commit_sha: str | None = None
 
 
 # ---------------------------------------------------------------- resolve, read, download
@@ -263,25 +194,6 @@ def fetch_adapter(ref: ModelRef, *, token: str | None = None) -> Path:
         allow_patterns=list(ADAPTER_FILES)), repo_id=model.repo_id, token=token))
 
 
-def suggest_repos(repo_id: str, *, token: str | None = None, limit: int = 3) -> list[str]:
-    """Existing model IDs close to a mistyped one, from the Hub's search (empty if the search fails)."""
-    namespace, _, name = repo_id.rpartition("/")
-    words = sorted({w for w in re.split(r"[-_.]", name) if len(w) >= 3}, key=len, reverse=True)[:2]
-    queries = ([{"author": namespace}] if namespace else []) + [{"search": w} for w in words]
-    api = _api(token)
-    candidates: set[str] = set()
-    for query in queries:
-        try:
-            candidates.update(m.id for m in api.list_models(**query, limit=100))
-        except (HfHubHTTPError, httpx2.HTTPError, OSError):
-            continue
-    lowered = {c.lower(): c for c in candidates if c.lower() != repo_id.lower()}
-    close = difflib.get_close_matches(repo_id.lower(), sorted(lowered), n=limit, cutoff=0.6)
-    return [lowered[c] for c in close]
-
-
-# ---------------------------------------------------------------- publishing
-
 def repo_files(repo_id: str, *, token: str | None = None) -> list[str]:
     """The file names of a model repository (errors as one-line HubErrors, transient ones retried)."""
     return _call(lambda: _api(token).list_repo_files(repo_id), repo_id=repo_id, token=token)
@@ -294,140 +206,6 @@ def download_file(repo_id: str, name: str, *, token: str | None = None) -> Path:
                       repo_id=repo_id, token=token))
 
 
-def validate_repo_id(repo_id: str) -> None:
-    """Refuse names the Hub would refuse, before anything is created."""
-    namespace, sep, name = repo_id.partition("/")
-    ok = (sep and _REPO_NAME.fullmatch(namespace) and _REPO_NAME.fullmatch(name) and "--" not in repo_id
-          and ".." not in repo_id and not name.endswith((".", "-", ".git")))
-    if not ok:
-        raise HubError(f"'{repo_id}' is not a valid repository name: use 'namespace/name' with letters, digits, "
-                       "'-', '_' or '.' (at most 96 characters each, no '--' or '..')")
-
-
-def check_write_access(repo_id: str, *, token: str | None) -> str:
-    """The account name of the token, after checking it may create and write repos in the namespace."""
-    if not token:
-        raise HubError("publishing needs a Hugging Face token with write access; sign in "
-                       "(or pass --token / set HF_TOKEN)")
-    api = _api(token)
-    who = _call(lambda: api.whoami(token), repo_id=None, token=token)
-    user = who.get("name", "")
-    namespace = repo_id.split("/")[0]
-    access = who.get("auth", {}).get("accessToken") or {}
-    settings = f"{hub_endpoint()}/settings/tokens"
-    if access.get("role") == "read":
-        raise HubError(f"your token is read-only, so it cannot publish {repo_id}; create a token with write "
-                       f"access at {settings} and use it")
-    if access.get("role") == "fineGrained" and not _fine_grained_can_write(access, namespace):
-        raise HubError(f"your fine-grained token has no 'write' permission on '{namespace}'; edit it at "
-                       f"{settings} or use another token")
-    if namespace == user:
-        return user
-    org = next((o for o in who.get("orgs", []) if o.get("name") == namespace), None)
-    if org is None:
-        raise HubError(f"you are signed in as '{user}', who cannot publish under '{namespace}' (neither your "
-                       f"account nor one of your organisations this sign-in may use); publish as "
-                       f"'{user}/{repo_id.split('/')[1]}', or, if you belong to '{namespace}', sign out and sign in "
-                       f"again ticking '{namespace}' on the consent screen (with a token: give it access to "
-                       f"'{namespace}')")
-    if org.get("roleInOrg") not in WRITE_ROLES:
-        raise HubError(f"your role in '{namespace}' is '{org.get('roleInOrg')}', which cannot create "
-                       f"repositories; ask an admin of '{namespace}' for write access or publish under '{user}/'")
-    return user
-
-
-def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool, overwrite: bool = False,
-                gguf_files: Sequence[str | Path] = (), gguf_repo: str | None = None,
-                progress: Progress | None = None,
-                commit_message: str = "Upload merged model", uploader: Any = None) -> PushResult:
-    """Publish a merged model folder as one commit; GGUF files go to their own repo (default NAME-GGUF).
-
-    The token's write access to the namespaces is checked before anything is created. An existing repo is
-    only updated when this tool made it (mergekit_config.yml or mergekit_moe_config.yml + the tool's tag in its card) or when
-    `overwrite` is set. A repo created by this call is deleted again if its commit fails, so a failed
-    push never leaves a half-filled repository. `uploader` (merger.upload.ShardUploader for `repo_id`)
-    holds the repo it prepared and files it already uploaded while the merge ran: they are committed
-    without uploading them again.
-    """
-    folder = Path(folder)
-    validate_repo_id(repo_id)
-    uploads = _folder_files(folder)
-    if not uploads:
-        raise HubError(f"{folder} has no files to publish; run the merge first")
-    ggufs = [Path(p) for p in gguf_files]
-    target_gguf = (gguf_repo or f"{repo_id}-GGUF") if ggufs else None
-    if target_gguf:
-        validate_repo_id(target_gguf)
-    for repo in dict.fromkeys(r for r in (repo_id, target_gguf) if r):
-        check_write_access(repo, token=token)
-    api = _api(token)
-    if target_gguf == repo_id:
-        uploads += [(p.name, p) for p in ggufs if all(p.resolve() != local.resolve() for _, local in uploads)]
-        ggufs = []
-    else:  # GGUF files inside the folder go to their own repo only
-        uploads = [(name, local) for name, local in uploads if all(local.resolve() != p.resolve() for p in ggufs)]
-    main_sha = _publish(api, repo_id, uploads, token=token, private=private, overwrite=overwrite,
-                        message=commit_message, progress=progress, uploader=uploader)
-    result = PushResult(f"{hub_endpoint()}/{repo_id}", main_sha)
-    if not ggufs:
-        return result
-    infos = [GGUFFileInfo.from_path(p) for p in ggufs]
-    card = build_gguf_card(ModelCard((folder / "README.md").read_text(encoding="utf-8")),
-                           model_repo=repo_id, gguf_repo=target_gguf, gguf_files=infos)
-    staged = [(p.name, p) for p in ggufs] + [(n, folder / n) for n in (RECIPE_FILE, MOE_RECIPE_FILE)
-                                             if (folder / n).is_file()]
-    gguf_sha = _publish(api, target_gguf, staged, token=token, private=private, overwrite=overwrite,
-                        message=f"Upload GGUF files of {repo_id}", progress=progress,
-                        extra={"README.md": str(card).encode("utf-8")})
-    return PushResult(result.repo_url, main_sha, f"{hub_endpoint()}/{target_gguf}", gguf_sha)
-
-
-def _publish(api: HfApi, repo_id: str, uploads: list[tuple[str, Path]], *, token: str | None, private: bool,
-             overwrite: bool, message: str, progress: Progress | None,
-             extra: Mapping[str, bytes] | None = None, uploader: Any = None) -> str:
-    """Create (or update our own) repo and upload everything in one commit; returns the commit sha."""
-    # an uploader (merger.upload.ShardUploader) prepared the repo before the merge
-    existing = _existing(api, repo_id, token) if uploader is None else uploader.existing
-    if existing is not None and not overwrite and not _made_by_tool(existing):
-        raise HubError(f"{repo_id} already exists and was not made by this tool; choose another name, or allow "
-                       "overwriting it explicitly (--overwrite-repo)")
-    created = uploader is not None and uploader.created
-    if existing is None and uploader is None:
-        _call(lambda: api.create_repo(repo_id, private=private), repo_id=repo_id, token=token, verb="create")
-        created = True
-    try:
-        early = uploader.operations(dict(uploads)) if uploader is not None else {}
-        ops = [early.get(path) or CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
-               for path, local in uploads]
-        ops += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in (extra or {}).items()]
-        keep = {op.path_in_repo for op in ops} | {".gitattributes"}
-        stale = [CommitOperationDelete(path_in_repo=s.rfilename) for s in existing.siblings or ()
-                 if s.rfilename not in keep] if existing is not None else []
-        total = sum(op.upload_info.size for op in ops)
-        done = 0
-        if progress:
-            progress(0, total)
-        for op in ops:
-            _call(lambda: api.preupload_lfs_files(repo_id, additions=[op]), repo_id=repo_id, token=token,
-                  verb="upload to")
-            done += op.upload_info.size
-            if progress:
-                progress(done, total)
-        info = api.create_commit(repo_id, [*ops, *stale], commit_message=message)
-        if uploader is not None:
-            uploader.created = False  # committed: no longer a half-made repo to delete on a later failure
-    except Exception as e:
-        if created:
-            _delete_quietly(api, repo_id)
-            if uploader is not None:
-                uploader.created = False  # deleted here: nothing left for the uploader's abort to delete
-        if isinstance(e, MergerError):  # ours already (a cancel from the progress callback included)
-            raise
-        raise _hub_error(e, repo_id, token=token, verb="upload to",
-                         after=" (the new repository was deleted again)" if created else "") from None
-    return str(info.oid)
-
-
 # ---------------------------------------------------------------- helpers
 
 def _as_ref(ref: ModelRef | str) -> ModelRef:
@@ -435,10 +213,6 @@ def _as_ref(ref: ModelRef | str) -> ModelRef:
     if parsed.local:
         raise HubError(f"{parsed} is a local folder, not a Hub model")
     return parsed
-
-
-def _api(token: str | None) -> HfApi:
-    return HfApi(endpoint=hub_endpoint(), token=token or False)
 
 
 def _first(value: Any) -> str | None:
@@ -560,183 +334,3 @@ def _byte_progress(progress: Progress | None, already: int) -> type[hf_tqdm]:
 
     return _Bytes
 
-
-def _folder_files(folder: Path) -> list[tuple[str, Path]]:
-    """Files to publish, as (path in repo, local path); hidden files and folders are left out."""
-    if not folder.is_dir():
-        raise HubError(f"{folder} is not a folder; give the merge's output folder")
-    return [(p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-
-
-def _existing(api: HfApi, repo_id: str, token: str | None) -> Any:
-    try:
-        return _call(lambda: api.model_info(repo_id), repo_id=repo_id, token=token, reraise=RepositoryNotFoundError)
-    except RepositoryNotFoundError:
-        return None
-
-
-def _made_by_tool(info: Any) -> bool:
-    files = {s.rfilename for s in info.siblings or ()}
-    tags = set(info.tags or ()) | set((info.card_data.tags if info.card_data else None) or ())
-    return bool({RECIPE_FILE, MOE_RECIPE_FILE} & files) and TOOL_TAG in tags
-
-
-def _delete_quietly(api: HfApi, repo_id: str) -> None:
-    for wait in (0.0, *RETRY_DELAYS):
-        time.sleep(wait)
-        try:
-            api.delete_repo(repo_id, missing_ok=True)
-            return
-        except (HfHubHTTPError, httpx2.HTTPError, OSError):
-            continue
-
-
-def _fine_grained_can_write(access: Mapping[str, Any], namespace: str) -> bool:
-    grants = access.get("fineGrained") or {}
-    for scoped in grants.get("scoped") or ():
-        if scoped.get("entity", {}).get("name") == namespace and "repo.write" in scoped.get("permissions", ()):
-            return True
-    return False
-
-
-def _call(operation: Callable[[], T], *, repo_id: str | None, token: str | None, revision: str | None = None,
-          verb: str = "read", reraise: type[Exception] | None = None) -> T:
-    """Run one Hub operation, retrying transient failures with backoff, and turn errors into HubErrors.
-
-    `reraise` lets a caller handle one exception type itself (e.g. "repo not found" meaning "free name").
-    """
-    delays = list(RETRY_DELAYS)
-    while True:
-        try:
-            return operation()
-        except Exception as e:
-            if reraise is not None and isinstance(e, reraise) and not isinstance(e, GatedRepoError):
-                raise
-            if isinstance(e, MergerError):  # ours already: a cancel from a progress callback is not a Hub failure
-                raise
-            wait = _transient_wait(e)
-            if wait is None or not delays:
-                raise _hub_error(e, repo_id, token=token, revision=revision, verb=verb) from None
-            time.sleep(max(delays.pop(0), wait))
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The Hub or network error behind wrappers such as LocalEntryNotFoundError or RuntimeError."""
-    seen = {id(e)}
-    while isinstance(e, (LocalEntryNotFoundError, RuntimeError)) and e.__cause__ is not None and id(
-            e.__cause__) not in seen:
-        e = e.__cause__
-        seen.add(id(e))
-    return e
-
-
-def _status(e: BaseException) -> int | None:
-    response = getattr(e, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _transient_wait(e: BaseException) -> float | None:
-    """Seconds to wait before retrying a transient failure; None when retrying cannot help."""
-    cause = _root_cause(e)
-    if isinstance(cause, OfflineModeIsEnabled):
-        return None
-    if isinstance(cause, (httpx2.TransportError, ConnectionError, TimeoutError)):
-        return 0.0
-    status = _status(cause)
-    if status == 429:
-        retry_after = _retry_after(cause)
-        return None if retry_after > MAX_RETRY_AFTER else retry_after
-    if status is not None and status >= 500:
-        return 0.0
-    if isinstance(e, LocalEntryNotFoundError):
-        return 0.0
-    return None
-
-
-def _retry_after(e: BaseException) -> float:
-    response = getattr(e, "response", None)
-    value = response.headers.get("Retry-After", "") if response is not None else ""
-    return float(value) if value.strip().isdigit() else 0.0
-
-
-def _hub_error(e: BaseException, repo_id: str | None, *, token: str | None, revision: str | None = None,
-               verb: str = "read", after: str = "") -> HubError:
-    """One line saying what went wrong and what to do; never the token."""
-    web = hub_endpoint()
-    cause = _root_cause(e)
-    status = _status(cause)
-    what = repo_id or "the Hub"
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-        line = (f"the disk is full while downloading {what} into {hub_cache_dir()}; free some space or point "
-                "HF_HOME to a larger disk")
-    elif isinstance(cause, GatedRepoError):
-        line = (f"{what} is gated: accept its licence at {web}/{what} with the account of your token "
-                "(signed in), then retry")
-    elif isinstance(cause, RevisionNotFoundError):
-        line = (f"revision '{revision}' of {what} does not exist; use a branch, tag or commit sha listed at "
-                f"{web}/{what}/commits/main")
-    elif isinstance(cause, DisabledRepoError):
-        line = f"{what} has been disabled on the Hub; use another model"
-    elif isinstance(cause, RepositoryNotFoundError):
-        hint = "" if repo_id is None else _did_you_mean(repo_id, token)
-        access = ("if it is private, use a token of an account that can see it" if token else
-                  "if it is private or gated, sign in (or pass --token)")
-        line = f"{what} was not found on the Hub{hint}; check the spelling, or {access}"
-    elif isinstance(cause, RemoteEntryNotFoundError):
-        name = str(cause.response.url).rsplit("/", 1)[-1] if cause.response is not None else "a file"
-        line = f"{what} has no file {name} at this revision; check the repo ID and revision"
-    elif status == 401:
-        line = (f"the Hub rejected your token (expired or revoked?); create a new one at {web}/settings/tokens "
-                "and sign in again")
-    elif status == 403:
-        line = (f"your token is not allowed to {verb} {what}; use a token with "
-                f"{'write' if verb != 'read' else 'read'} access to it ({web}/settings/tokens)")
-    elif status == 409:
-        line = (f"{what} already exists on the Hub (perhaps private, or just created by someone else); "
-                "choose another name")
-    elif status == 429:
-        wait = _retry_after(cause)
-        line = (f"the Hub is rate-limiting your requests (HTTP 429); wait {int(wait) if wait else 'a few'} "
-                "seconds and retry, or sign in to get a higher limit")
-    elif status is not None and status >= 500:
-        line = (f"the Hub failed with a server error (HTTP {status}) while trying to {verb} {what}; "
-                "retry in a few minutes")
-    elif isinstance(cause, (httpx2.TransportError, ConnectionError, TimeoutError, LocalEntryNotFoundError)):
-        line = f"cannot reach the Hub at {web} (network down or blocked?); check the connection and retry"
-    elif isinstance(cause, ValueError) and "Invalid metadata in README.md" in str(cause):
-        detail = " ".join(str(cause).split("\n")[1:2]).lstrip("- ")
-        line = f"the Hub refused the model card metadata ({detail}); this is a bug, please report it"
-    elif status is not None:  # an HTTP answer nobody expected (HfHubHTTPError is an OSError too: test first)
-        line = (f"could not {verb} {what}: {_http_answer(cause)}; check the repo ID, revision and token's access, "
-                "or report it with this line")
-    elif isinstance(cause, OSError):
-        line = f"could not {verb} {what}: {cause.strerror or type(cause).__name__}"
-    else:
-        line = f"could not {verb} {what} on the Hub ({type(cause).__name__}{f', HTTP {status}' if status else ''})"
-    return HubError(_scrub(line + after, token))
-
-
-def _http_answer(e: BaseException) -> str:
-    """`the Hub answered HTTP 451 Unavailable For Legal Reasons to GET <url> ("its message")`: status and
-    request only (the token travels in a header, never shown; a URL's query string may hold a signature)."""
-    response = getattr(e, "response", None)
-    status, reason = _status(e), (getattr(response, "reason_phrase", "") or "").strip()
-    try:
-        request = response.request if response is not None else None
-    except RuntimeError:  # a response built without its request
-        request = None
-    asked = f" to {request.method} {str(request.url).split('?', 1)[0]}" if request is not None else ""
-    message = " ".join(str(getattr(e, "server_message", "") or "").split())[:200]
-    request_id = getattr(e, "request_id", None)
-    return (f"the Hub answered HTTP {status}{f' {reason}' if reason else ''}{asked}"
-            + (f' ("{message}")' if message else "") + (f" [request id {request_id}]" if request_id else ""))
-
-
-def _did_you_mean(repo_id: str, token: str | None) -> str:
-    close = suggest_repos(repo_id, token=token)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text

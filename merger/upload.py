@@ -16,8 +16,10 @@ from typing import Any, BinaryIO
 
 from huggingface_hub import CommitOperationAdd
 
-from . import hub
+from . import publish
 from .errors import HubError
+from .hub_env import _api
+from .hub_errors import _call
 
 EARLY_SUFFIXES = (".safetensors", ".gguf")  # large files, stored in LFS, whose content is final when closed
 
@@ -26,18 +28,18 @@ class ShardUploader:
     """Uploads finished output files to `repo_id` in the background; `operations()` hands them to the commit."""
 
     def __init__(self, repo_id: str, *, token: str | None, private: bool, overwrite: bool) -> None:
-        hub.validate_repo_id(repo_id)
-        hub.check_write_access(repo_id, token=token)
+        publish.validate_repo_id(repo_id)
+        publish.check_write_access(repo_id, token=token)
         self.repo_id, self.token = repo_id, token
-        self.api = hub._api(token)
-        self.existing: Any = hub._existing(self.api, repo_id, token)
-        if self.existing is not None and not overwrite and not hub._made_by_tool(self.existing):
+        self.api = _api(token)
+        self.existing: Any = publish._existing(self.api, repo_id, token)
+        if self.existing is not None and not overwrite and not publish._made_by_tool(self.existing):
             raise HubError(f"{repo_id} already exists and was not made by this tool; choose another name, or "
                            "allow overwriting it explicitly (--overwrite-repo)")
         self.created = False
         if self.existing is None:
-            hub._call(lambda: self.api.create_repo(repo_id, private=private), repo_id=repo_id, token=token,
-                      verb="create")
+            _call(lambda: self.api.create_repo(repo_id, private=private), repo_id=repo_id, token=token,
+                  verb="create")
             self.created = True
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
         self._uploads: dict[str, tuple[Path, Future]] = {}
@@ -62,8 +64,8 @@ class ShardUploader:
     def _upload(self, name: str, handle: BinaryIO) -> CommitOperationAdd:
         try:
             op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=handle)
-            hub._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op]), repo_id=self.repo_id,
-                      token=self.token, verb="upload to")
+            _call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op]), repo_id=self.repo_id,
+                  token=self.token, verb="upload to")
         finally:
             handle.close()
         with self._lock:
@@ -97,7 +99,7 @@ class ShardUploader:
         for handle in self._handles:  # those of uploads cancelled before they started
             handle.close()
         if self.created:
-            hub._delete_quietly(self.api, self.repo_id)
+            publish._delete_quietly(self.api, self.repo_id)
             self.created = False
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from merger import hub as mhub
+from merger import hub_errors
 from merger import writer as mwriter
 from merger.errors import CancelledError, HubError, MergerError, ModelError
 from merger.pipeline import Event, RunOptions, run
@@ -34,7 +35,7 @@ TOKEN = "hf_alice_write"
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries keep their count and order, without the waits (RETRY_DELAYS is read at call time)."""
-    monkeypatch.setattr(mhub, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(hub_errors, "RETRY_DELAYS", (0.0, 0.0, 0.0))
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_persistent_errors_give_one_clear_line_after_the_retries(published: HubS
     with pytest.raises(HubError) as e:
         run(parse_recipe(RECIPE), RunOptions(tmp_path / "out", device="cpu", skip_check=True))
     assert words in one_line(e.value)
-    assert published.stats.requests["info"] == 1 + len(mhub.RETRY_DELAYS)  # first try + every retry
+    assert published.stats.requests["info"] == 1 + len(hub_errors.RETRY_DELAYS)  # first try + every retry
     assert leftovers(tmp_path / "out") == []
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from merger import hub as mhub
+from merger import hub_errors
 from merger.card import RECIPE_FILE, ParentInfo, build_card
 from merger.errors import HubError, ModelError
 from merger.recipe import parse_recipe
@@ -25,7 +26,7 @@ SHARD1 = "model-00001-of-00002.safetensors"
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mhub, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(hub_errors, "RETRY_DELAYS", (0.0, 0.0))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from merger import hub as mhub
+from merger import hub_errors
 from merger.errors import HubError, MergerError
 from merger.pipeline import RunOptions, run
 from merger.recipe import parse_recipe
@@ -19,7 +20,7 @@ TOKEN = "hf_alice_write"
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mhub, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(hub_errors, "RETRY_DELAYS", (0.0, 0.0))
 
 
 @pytest.fixture

@@ -35,17 +35,17 @@ dtype: float32
 # Slows a job down so a cancel lands where the test wants it (imported by the job's Python at start-up).
 SLOW_SITECUSTOMIZE = """
 import time
-import merger.writer, merger.hub
+import merger.writer, merger.publish
 _write = merger.writer.ShardedWriter.write
 def write(self, name, tensor):
     time.sleep(0.1)
     return _write(self, name, tensor)
 merger.writer.ShardedWriter.write = write
-_preupload = merger.hub.HfApi.preupload_lfs_files
+_preupload = merger.publish.HfApi.preupload_lfs_files
 def preupload(self, *args, **kwargs):
     time.sleep(1.0)
     return _preupload(self, *args, **kwargs)
-merger.hub.HfApi.preupload_lfs_files = preupload
+merger.publish.HfApi.preupload_lfs_files = preupload
 """
 
 

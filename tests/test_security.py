@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from merger import hub as mhub
+from merger import hub_errors
 from merger.__main__ import main
 from merger.errors import HubError, MergerError, ModelError, RecipeError
 from merger.pipeline import RunOptions, run
@@ -28,7 +29,7 @@ SECRET = "hf_SeCrEt_reliability_0123456789abcdef"  # recognisable anywhere it mi
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mhub, "RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr(hub_errors, "RETRY_DELAYS", (0.0,))
 
 
 @pytest.fixture
