@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from . import recipe_compat as compat
 from .errors import RecipeError
 from .recipe_tokens import TokenSetting, check_token_models, parse_tokens
+from .model_ref import ModelRef, parse_model_ref  # noqa: F401  (callers import ModelRef from here)
 from .output import CHAT_TEMPLATES as NAMED_CHAT_TEMPLATES
+from .recipe_yaml import (MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, _one_line, _short,  # noqa: F401
+                          load_yaml)
 
-MAX_RECIPE_BYTES = 1 << 20
-MAX_YAML_DEPTH = 64
-MAX_YAML_NODES = 100_000
+# Safe YAML reading lives in merger.recipe_yaml, model references in merger.model_ref; their names stay
+# importable from here.
+
 MAX_MODELS = 64  # distinct models in one recipe: far above real merges, bounds Hub requests per check
 
 DTYPES = {
@@ -42,36 +41,7 @@ SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[/\\]")  # 'D:/models/x' in recipes written on Windows
-_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
-
 Scalar = bool | int | float | str
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model named in a recipe: a Hub repo (optionally at a revision) or a local folder, optionally
-    with a LoRA adapter applied to it (mergekit's `model+adapter`; repo/revision/local are the model's)."""
-
-    repo: str
-    revision: str | None = None
-    local: bool = False
-    lora: "ModelRef | None" = None
-
-    def __str__(self) -> str:
-        text = f"{self.repo}@{self.revision}" if self.revision else self.repo
-        return f"{text}+{self.lora}" if self.lora is not None else text
-
-    @property
-    def model(self) -> "ModelRef":
-        """The model without its adapter."""
-        return ModelRef(self.repo, self.revision, self.local) if self.lora is not None else self
-
-    @property
-    def display_name(self) -> str:
-        name = Path(self.repo).name if self.local else self.repo
-        return f"{name}+{self.lora.display_name}" if self.lora is not None else name
 
 
 @dataclass(frozen=True)
@@ -143,169 +113,11 @@ class Recipe:
                       self.pad_to_multiple_of, tuple((t, s.with_model(sub)) for t, s in self.tokens))
 
 
-# ---------------------------------------------------------------- safe YAML
-
-class _LimitedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses deep nesting and alias expansion bombs, and reports duplicate keys.
-
-    A repeated key keeps its last value, as in mergekit (which reads recipes with yaml.safe_load);
-    each repetition is noted in `duplicates`, or refused when that is None.
-    """
-
-    def __init__(self, stream: str, duplicates: list[str] | None = None) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._nodes = 0
-        self._duplicates = duplicates
-
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
-        self._depth += 1
-        self._nodes += 1
-        if self._nodes > MAX_YAML_NODES:  # stop composing early: a 1 MiB flow list takes ~10 s otherwise
-            raise RecipeError(f"the recipe has more than {MAX_YAML_NODES} YAML values; "
-                              "a merge recipe is a few lines of YAML")
-        if self._depth > MAX_YAML_DEPTH:
-            raise RecipeError(f"the recipe is nested more than {MAX_YAML_DEPTH} levels deep; "
-                              "flatten it to the mergekit schema")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Iterable) and not isinstance(key, str):
-                raise RecipeError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                if self._duplicates is None:
-                    raise RecipeError(f"line {line}: key '{key}' appears twice; keep one of them")
-                self._duplicates.append(f"key '{_short(key)}' appears twice (lines {seen[key]} and {line}); "
-                                        f"the value on line {seen[key]} is ignored (mergekit 0.1.5 keeps the "
-                                        "last one too); delete one of them")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Node count with aliases expanded, computed without expanding them (bomb detection)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = 1  # guards against recursive aliases
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(child, memo) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    memo[key] = min(size, MAX_YAML_NODES + 1)
-    return memo[key]
-
-
-def load_yaml(text: str, duplicates: list[str] | None = None) -> Any:
-    """Parse YAML safely: plain data only, bounded size, depth and alias expansion.
-
-    Duplicate keys are refused, or with `duplicates` given, noted there and resolved as mergekit does.
-    """
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; "
-                          "a merge recipe is a few lines of YAML")
-    loader = None
-    try:
-        loader = _LimitedLoader(text, duplicates)  # the reader rejects control characters here, as a YAMLError
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}) > MAX_YAML_NODES:
-            raise RecipeError("the recipe expands to too many YAML nodes (alias bomb?); "
-                              "write the values out instead of nesting aliases")
-        return loader.construct_document(node)
-    except RecipeError:
-        raise
-    except yaml.constructor.ConstructorError as e:
-        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise RecipeError(f"{where}unsupported YAML tag or value ({_one_line(e.problem)}); "
-                          "recipes are plain YAML without tags") from None
-    except yaml.composer.ComposerError as e:
-        if "single document" not in str(e):
-            raise RecipeError(f"the recipe is not valid YAML: {_one_line(e.problem)}") from None
-        raise RecipeError("the file holds several YAML documents separated by '---' (a mergekit-multi recipe); "
-                          "put each merge in its own file and run them in order, naming an earlier result "
-                          "by its output folder") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise RecipeError(f"the recipe is not valid YAML: {where}{_one_line(problem)}") from None
-    except RecursionError:
-        raise RecipeError("the recipe is nested too deeply; flatten it to the mergekit schema") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int() limit)
-        raise RecipeError(f"the recipe has a value that cannot be read ({_one_line(e)[:80]}); "
-                          "write numbers with at most a few dozen digits") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _one_line(text: Any) -> str:
-    try:
-        shown = str(text)
-    except ValueError:  # an int past Python's 4300-digit str() limit
-        shown = "an integer too long to print"
-    return " ".join(shown.split())[:200]
-
-
 # ---------------------------------------------------------------- validation helpers
 
 def _suggest(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word).replace("-", "_").lower(), list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _short(value: Any) -> str:
-    text = _one_line(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def parse_model_ref(value: Any, where: str, *, allow_local: bool, base_dir: Path | None = None,
-                    adapter: bool = False) -> ModelRef:
-    """`org/name`, `org/name@revision` or a local folder (refused when allow_local is False), each
-    optionally followed by `+adapter` (a LoRA adapter repo or folder, mergekit's syntax)."""
-    if not isinstance(value, str) or not value.strip():
-        raise RecipeError(f"{where} must be a Hub repo ID like 'org/name' or a local folder, not {compat.kind(value)}")
-    text = value.strip()
-    if "+" in text and not adapter and not os.path.exists(text):
-        model, *loras = text.split("+")
-        if len(loras) != 1 or not model.strip() or not loras[0].strip():
-            raise RecipeError(f"{where}: '{_short(text)}' is not 'model+adapter' (mergekit's syntax for a LoRA "
-                              "adapter applied to a model: one '+' between the two)")
-        base = parse_model_ref(model, where, allow_local=allow_local, base_dir=base_dir)
-        lora = parse_model_ref(loras[0], f"{where} (its LoRA adapter)", allow_local=allow_local, base_dir=base_dir,
-                               adapter=True)
-        return ModelRef(base.repo, base.revision, base.local, lora)
-    looks_local = text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text or _WINDOWS_DRIVE.match(text)
-    if not looks_local and allow_local:
-        candidate = (base_dir / text) if base_dir and not os.path.isabs(text) else Path(text)
-        looks_local = candidate.is_dir() and (candidate / ("adapter_config.json" if adapter else "config.json")).exists()
-    if looks_local:
-        if not allow_local:
-            raise RecipeError(f"{where}: local paths are not allowed here ('{_short(text)}'); "
-                              "name models by their Hub repo ID, like 'org/name'")
-        if text.startswith("file:"):
-            raise RecipeError(f"{where}: file URLs are not supported ('{_short(text)}'); give the folder path")
-        path = Path(os.path.expanduser(text))
-        if base_dir and not path.is_absolute():
-            path = base_dir / path
-        return ModelRef(str(path.resolve()), None, True)
-    repo, _, revision = text.partition("@")
-    if not _HUB_ID.fullmatch(repo) or ".." in repo or repo.endswith((".git", ".")):  # fullmatch: no "\n" before $
-        raise RecipeError(f"{where}: '{_short(text)}' is not a Hub repo ID (expected 'org/name' or "
-                          "'org/name@revision') nor an existing local model folder")
-    if "@" in text and not _REVISION.fullmatch(revision):
-        raise RecipeError(f"{where}: revision '{_short(revision)}' is not a valid branch, tag or commit")
-    return ModelRef(repo, revision or None, False)
 
 
 def _is_scalar(value: Any) -> bool:
