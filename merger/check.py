@@ -182,6 +182,24 @@ def default_inspector(*, token: str | None = None, allow_bin: bool = False) -> I
     return inspect
 
 
+def inspect_all(refs: Iterable[ModelRef], inspect: Inspector, problems: list[Problem]
+                ) -> tuple[dict[ModelRef, ModelInfo], dict[ModelRef, str], dict[ModelRef, str | None]]:
+    """Each model's info, access and licence; a model that cannot be read, and each model's own problems,
+    are appended to `problems` (merge recipes and MoE configs alike)."""
+    models: dict[ModelRef, ModelInfo] = {}
+    access: dict[ModelRef, str] = {}
+    licenses: dict[ModelRef, str | None] = {}
+    for ref in refs:
+        try:
+            found = inspect(ref)
+        except MergerError as e:
+            problems.append(Problem(ERROR, f"{ref}: {e}"))
+            continue
+        models[ref], access[ref], licenses[ref] = found.info, found.access, found.license
+        problems += _model_problems(found.info)
+    return models, access, licenses
+
+
 def _with_adapter(ref: ModelRef, found: Inspection, token: str | None) -> Inspection:
     """A `model+lora` reference: the model as inspected, once its adapter (config and header only) is
     known to fit it; ModelError otherwise."""
@@ -218,17 +236,7 @@ def check_recipe(recipe: Recipe, *, inspect: Inspector | None = None, token: str
     groups = _groups(recipe)
     problems += _method_problems(recipe, groups)
 
-    models: dict[ModelRef, ModelInfo] = {}
-    access: dict[ModelRef, str] = {}
-    licenses: dict[ModelRef, str | None] = {}
-    for ref in recipe.referenced_models():
-        try:
-            found = inspect(ref)
-        except MergerError as e:
-            problems.append(Problem(ERROR, f"{ref}: {e}"))
-            continue
-        models[ref], access[ref], licenses[ref] = found.info, found.access, found.license
-        problems += _model_problems(found.info)
+    models, access, licenses = inspect_all(recipe.referenced_models(), inspect, problems)
 
     problems += _architecture_problems(list(models.values()))
     if not any(p.severity == ERROR and "cannot be merged with" in p.message for p in problems):

@@ -15,7 +15,7 @@ from ..architecture import ModelInfo
 from ..budget import BASE_RAM
 from ..card import ParentInfo, license_conflict
 from ..check import (DTYPE_BYTES, ERROR, FLOAT_GGUF, GGUF_BITS, GGUF_WORK_BUFFERS, NOTE, WARNING, CheckReport,
-                     Estimates, Inspector, Problem, _model_problems, default_inspector)
+                     Estimates, Inspector, Problem, default_inspector, inspect_all)
 from ..errors import MergerError
 from ..recipe import ModelRef
 from .config import MoERecipe
@@ -32,15 +32,7 @@ def check_moe(recipe: MoERecipe, *, inspect: Inspector | None = None, token: str
     gguf = tuple(t.upper() for t in gguf_types or ())
     problems = [Problem(ERROR if strict else WARNING, w, "remove the key, or check its spelling")
                 for w in recipe.warnings]
-    models, access, licenses = {}, {}, {}
-    for ref in recipe.referenced_models():
-        try:
-            found = inspect(ref)
-        except MergerError as e:
-            problems.append(Problem(ERROR, f"{ref}: {e}"))
-            continue
-        models[ref], access[ref], licenses[ref] = found.info, found.access, found.license
-        problems += _model_problems(found.info)
+    models, access, licenses = inspect_all(recipe.referenced_models(), inspect, problems)
     plan = None
     if len(models) == len(recipe.referenced_models()) and not any(p.severity == ERROR for p in problems):
         try:
